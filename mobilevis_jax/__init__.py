@@ -1,0 +1,13 @@
+"""mobilevis_jax: mobile vision backbones (RepViT, MobileViG, ParameterNet/GhostNet, ParC-Net) in
+JAX/Flax, faithful to the official PyTorch code, with a data-parallel trainer and PyTorch interop.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from mobilevis_jax import create_model
+    >>> model = create_model('repvit_m1_1')
+    >>> variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)), train=False)
+"""
+from mobilevis_jax.models import can_fuse, create_model, fuse, list_models, model_info
+from mobilevis_jax.profiling import profile
+
+__version__ = "0.1.0"
+__all__ = ["can_fuse", "create_model", "fuse", "list_models", "model_info", "profile"]

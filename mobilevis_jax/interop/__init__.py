@@ -1,0 +1,13 @@
+"""PyTorch interop: export Flax variables as PyTorch state_dicts and import them back.
+
+Each family describes its PyTorch key layout(s) in ``interop/<family>.py`` as a list of
+:class:`~mobilevis_jax.interop.keymap.Entry`; the converters here are generic.
+"""
+from mobilevis_jax.interop.io import load_state_dict, save_state_dict
+from mobilevis_jax.interop.keymap import Entry, register_torch_layout
+from mobilevis_jax.interop.state_dict import (StateDictError, from_torch_state_dict,
+                                              to_torch_state_dict)
+from mobilevis_jax.interop import ghostnet, mobilevig, parc_convnets, parcnet, repvit  # noqa: F401,E402
+
+__all__ = ["Entry", "StateDictError", "from_torch_state_dict", "load_state_dict",
+           "register_torch_layout", "save_state_dict", "to_torch_state_dict"]

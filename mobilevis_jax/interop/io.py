@@ -1,0 +1,79 @@
+"""Reading and writing PyTorch weight files without executing pickled code.
+
+``.safetensors`` files are plain tensors. ``.pth`` files are pickles: they are read with
+``torch.load(weights_only=True)``, which refuses any object that is not a tensor or a container
+of tensors, so a checkpoint with a code payload is rejected instead of run.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+
+from mobilevis_jax.interop.state_dict import StateDictError, _to_numpy
+
+# Keys under which official training scripts nest the model's state_dict.
+CHECKPOINT_KEYS = ("model", "state_dict", "state_dict_ema", "model_ema")
+PTH_SUFFIXES = (".pth", ".pt", ".pth.tar", ".bin")
+
+
+def _require_torch():
+  try:
+    import torch  # noqa: F401
+  except ImportError as e:
+    raise ImportError("reading/writing .pth needs PyTorch: pip install 'mobilevis_jax[torch]'") from e
+  return torch
+
+
+def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike,
+                    checkpoint_key: str | None = "model") -> None:
+  """Write a state_dict as ``.safetensors`` or as a ``.pth`` holding ``{checkpoint_key: sd}``."""
+  path = os.fspath(path)
+  arrays = {k: np.ascontiguousarray(_to_numpy(v)) for k, v in state_dict.items()}
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import save_file
+    save_file(arrays, path)
+  elif path.endswith(PTH_SUFFIXES):
+    torch = _require_torch()
+    sd = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+    torch.save({checkpoint_key: sd} if checkpoint_key else sd, path)
+  else:
+    raise ValueError(f"unknown weight file type {path!r}: use .safetensors or .pth")
+
+
+def load_state_dict(path: str | os.PathLike, checkpoint_key: str | None = None) -> dict[str, np.ndarray]:
+  """Read a state_dict from ``.safetensors`` or ``.pth`` (never unpickling arbitrary objects).
+
+  For ``.pth`` files holding a training checkpoint, the state_dict is taken from
+  ``checkpoint_key`` or, when not given, the first of ``model``, ``state_dict``.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(path)
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file
+    return dict(load_file(path))
+  if not path.endswith(PTH_SUFFIXES):
+    raise ValueError(f"unknown weight file type {path!r}: use .safetensors or .pth")
+  torch = _require_torch()
+  import pickle
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise StateDictError(f"refusing to load {path}: it holds objects other than tensors, which "
+                         f"would run code on unpickling ({str(e).splitlines()[0]})") from None
+  if not isinstance(obj, Mapping):
+    raise StateDictError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+  if checkpoint_key is not None:
+    if checkpoint_key not in obj:
+      raise StateDictError(f"{path} has no {checkpoint_key!r} entry (keys: {sorted(obj)[:10]})")
+    obj = obj[checkpoint_key]
+  elif not all(hasattr(v, "shape") for v in obj.values()):
+    for key in CHECKPOINT_KEYS:
+      if key in obj and isinstance(obj[key], Mapping):
+        obj = obj[key]
+        break
+    else:
+      raise StateDictError(f"{path} is a checkpoint without any of {CHECKPOINT_KEYS}: pass checkpoint_key")
+  return {k: _to_numpy(v) for k, v in obj.items()}

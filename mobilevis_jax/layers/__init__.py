@@ -1,0 +1,19 @@
+"""Shared building blocks: PyTorch-compatible BatchNorm and convolutions, activations,
+squeeze-excite, stochastic depth, layer scale and the re-parameterisation algebra.
+
+The family-specific operators (ParC, SVGA, dynamic convolution) live in their own modules here
+(``parc``, ``svga``, ``knn_graph``, ``dynamic_conv``) and are imported from them directly.
+"""
+from mobilevis_jax.layers import reparam
+from mobilevis_jax.layers.activations import gelu, hard_sigmoid, hard_swish, relu, relu6, silu
+from mobilevis_jax.layers.conv import (Conv2d, ConvBN, explicit_padding, torch_default_kernel_init,
+                                       trunc_normal_init)
+from mobilevis_jax.layers.norm import BatchNorm, sync_batch_stats
+from mobilevis_jax.layers.regularization import DropPath, LayerScale
+from mobilevis_jax.layers.squeeze_excite import SqueezeExcite
+
+__all__ = [
+    "BatchNorm", "Conv2d", "ConvBN", "DropPath", "LayerScale", "SqueezeExcite", "explicit_padding",
+    "gelu", "hard_sigmoid", "hard_swish", "relu", "relu6", "reparam", "silu", "sync_batch_stats",
+    "torch_default_kernel_init", "trunc_normal_init",
+]

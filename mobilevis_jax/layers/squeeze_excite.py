@@ -1,0 +1,24 @@
+"""Squeeze-and-excitation: a channel gate computed from the globally pooled input."""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mobilevis_jax.layers.conv import Conv2d
+
+
+class SqueezeExcite(nn.Module):
+  """mean-pool -> ``reduce`` 1x1 conv -> act -> ``expand`` 1x1 conv -> gate -> scale the input."""
+  rd_channels: int
+  act: Callable = jax.nn.relu
+  gate: Callable = jax.nn.sigmoid
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    s = self.act(Conv2d(self.rd_channels, 1, name="reduce")(s))
+    s = Conv2d(x.shape[-1], 1, name="expand")(s)
+    return x * self.gate(s)

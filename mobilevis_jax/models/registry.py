@@ -1,0 +1,105 @@
+"""Model registry: names -> factory functions, plus the per-family hooks (fuse).
+
+Factories live in the family files and register themselves with :func:`register_model`; importing
+``mobilevis_jax.models`` imports every family, so the registry is complete after
+``import mobilevis_jax``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+from typing import Any, Callable
+
+import flax.linen as nn
+
+INPUT_CONVENTIONS = ("imagenet", "parc_bgr")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  """What the rest of the codebase needs to know about a registered model."""
+  name: str
+  family: str
+  default_resolution: int
+  layouts: tuple[str, ...]
+  input_convention: str
+  factory: Callable[..., nn.Module]
+
+
+_MODELS: dict[str, ModelInfo] = {}
+_FUSERS: dict[type, Callable] = {}
+
+
+def register_model(family: str, default_resolution: int = 224, layouts=("official",),
+                   input_convention: str = "imagenet"):
+  """Decorator registering ``factory(num_classes=1000, **kw) -> nn.Module`` under its name."""
+  if input_convention not in INPUT_CONVENTIONS:
+    raise ValueError(f"input_convention must be one of {INPUT_CONVENTIONS}")
+
+  def wrap(factory):
+    name = factory.__name__
+    if name in _MODELS:
+      raise ValueError(f"model {name!r} is registered twice")
+    _MODELS[name] = ModelInfo(name, family, default_resolution, tuple(layouts), input_convention,
+                              factory)
+    return factory
+
+  return wrap
+
+
+def _unknown(name: str) -> KeyError:
+  close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
+  hint = f" Did you mean: {', '.join(close)}?" if close else ""
+  return KeyError(f"unknown model {name!r}.{hint} (list_models() shows all {len(_MODELS)})")
+
+
+def model_info(name: str) -> ModelInfo:
+  try:
+    return _MODELS[name]
+  except KeyError:
+    raise _unknown(name) from None
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+  """Build a registered model, e.g. ``create_model('repvit_m1_1', num_classes=10)``."""
+  return model_info(name).factory(**kwargs)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+  """Registered names matching a shell-style pattern, sorted (``list_models('repvit*')``)."""
+  return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+
+
+def register_fuse(model_class: type):
+  """Decorator registering ``fn(model, variables) -> (fused_model, fused_variables)``."""
+
+  def wrap(fn):
+    _FUSERS[model_class] = fn
+    return fn
+
+  return wrap
+
+
+def can_fuse(name_or_model) -> bool:
+  model = create_model(name_or_model) if isinstance(name_or_model, str) else name_or_model
+  return type(model) in _FUSERS
+
+
+def fuse(name_or_model, variables, **model_kwargs):
+  """Structural re-parameterisation: ``fused_model, fused_variables = fuse(name, variables)``.
+
+  ``name_or_model`` is a registered name (built with ``model_kwargs``, which must match how the
+  variables were created) or the module instance itself.
+  """
+  if isinstance(name_or_model, str):
+    model = create_model(name_or_model, **model_kwargs)
+  else:
+    if model_kwargs:
+      raise ValueError("model_kwargs are only used when a model name is given")
+    model = name_or_model
+  fuser = _FUSERS.get(type(model))
+  if fuser is None:
+    raise ValueError(f"{type(model).__name__} has no structural re-parameterisation "
+                     f"(families with one: {sorted(c.__name__ for c in _FUSERS)})")
+  return fuser(model, variables)

@@ -1,0 +1,113 @@
+"""Parameter and MAC counting by abstract tracing.
+
+``profile`` traces the model once with ``jax.eval_shape`` (nothing is computed or allocated) and
+counts multiply-accumulates from the shapes seen at trace time:
+
+* every ``nn.Conv`` call: output elements x (kernel height x width x input channels / groups);
+* every ``nn.Dense`` call: output elements x input features;
+* anything a custom op reports with :func:`add_macs` (FFT convolutions, dynamic-kernel mixing,
+  graph aggregation...), under a tag of its choosing.
+
+That is the convention of fvcore and of most papers' tables (conv and matmul MACs; normalisation,
+activations and pooling free). Families whose official numbers count differently register a hook
+with :func:`register_profile_hook` that adds the official-profiler figures next to the true ones.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import math
+from typing import Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mobilevis_jax.models.registry import create_model, model_info
+
+_COUNTS: contextvars.ContextVar[collections.Counter | None] = contextvars.ContextVar(
+    "mac_counts", default=None)
+_HOOKS: dict[str, Callable] = {}
+
+
+def add_macs(n: int, tag: str) -> None:
+  """Report ``n`` multiply-accumulates for a custom op (no-op unless profiling)."""
+  counts = _COUNTS.get()
+  if counts is not None:
+    counts[tag] += int(n)
+
+
+def register_profile_hook(family: str):
+  """Decorator for ``fn(model_name, counts: dict[str, int], params: int) -> dict`` (merged in)."""
+
+  def wrap(fn):
+    _HOOKS[family] = fn
+    return fn
+
+  return wrap
+
+
+def _interceptor(next_fun, args, kwargs, context):
+  out = next_fun(*args, **kwargs)
+  if context.method_name != "__call__" or _COUNTS.get() is None:
+    return out
+  module = context.module
+  if isinstance(module, nn.Conv) and not isinstance(module, nn.ConvTranspose):
+    x = args[0]
+    taps = math.prod(module.kernel_size)
+    add_macs(math.prod(out.shape) * taps * x.shape[-1] // module.feature_group_count, "conv")
+  elif isinstance(module, nn.Dense):
+    add_macs(math.prod(out.shape) * args[0].shape[-1], "dense")
+  return out
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[collections.Counter]:
+  """Collect MACs of everything traced inside the context, by tag."""
+  counts: collections.Counter = collections.Counter()
+  token = _COUNTS.set(counts)
+  try:
+    with nn.intercept_methods(_interceptor):
+      yield counts
+  finally:
+    _COUNTS.reset(token)
+
+
+def count_params(variables) -> int:
+  """Number of trainable parameters (the ``params`` collection; BN running stats excluded)."""
+  params = nn.unbox(variables).get("params", {})
+  return int(sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def profile(name_or_model, resolution: int | None = None, *, variables=None, batch: int = 1,
+            family: str | None = None, **model_kwargs) -> dict:
+  """``{'params': int, 'macs': int, 'macs_by_tag': {...}}`` for one image at ``resolution``.
+
+  ``name_or_model`` is a registered name (built with ``model_kwargs``) or a module; for a module
+  pass ``resolution`` (and ``variables`` if it should not be initialised abstractly, e.g. a fused
+  model). ``macs`` is per image.
+  """
+  if isinstance(name_or_model, str):
+    info = model_info(name_or_model)
+    model = create_model(name_or_model, **model_kwargs)
+    resolution = resolution or info.default_resolution
+    family = family or info.family
+    name = name_or_model
+  else:
+    if resolution is None:
+      raise ValueError("profile(module) needs an explicit resolution")
+    if model_kwargs:
+      raise ValueError("model_kwargs are only used when a model name is given")
+    model, name = name_or_model, type(name_or_model).__name__
+  x = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.float32)
+  if variables is None:
+    variables = jax.eval_shape(lambda r, x: model.init(r, x, train=False), jax.random.PRNGKey(0), x)
+  with counting() as counts:
+    jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
+  by_tag = {k: v // batch for k, v in sorted(counts.items())}
+  result = {"params": count_params(variables), "macs": sum(by_tag.values()), "macs_by_tag": by_tag,
+            "resolution": resolution}
+  if family in _HOOKS:
+    result.update(_HOOKS[family](name, dict(by_tag), result["params"]))
+  return result
