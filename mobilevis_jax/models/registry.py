@@ -32,17 +32,21 @@ _FUSERS: dict[type, Callable] = {}
 
 
 def register_model(family: str, default_resolution: int = 224, layouts=("official",),
-                   input_convention: str = "imagenet"):
-  """Decorator registering ``factory(num_classes=1000, **kw) -> nn.Module`` under its name."""
+                   input_convention: str = "imagenet", name: str | None = None):
+  """Decorator registering ``factory(num_classes=1000, **kw) -> nn.Module``.
+
+  The model is registered under ``name``, or the factory's ``__name__`` when not given (so that
+  variant tables can register generated factories explicitly).
+  """
   if input_convention not in INPUT_CONVENTIONS:
     raise ValueError(f"input_convention must be one of {INPUT_CONVENTIONS}")
 
   def wrap(factory):
-    name = factory.__name__
-    if name in _MODELS:
-      raise ValueError(f"model {name!r} is registered twice")
-    _MODELS[name] = ModelInfo(name, family, default_resolution, tuple(layouts), input_convention,
-                              factory)
+    model_name = name or factory.__name__
+    if model_name in _MODELS:
+      raise ValueError(f"model {model_name!r} is registered twice")
+    _MODELS[model_name] = ModelInfo(model_name, family, default_resolution, tuple(layouts),
+                                    input_convention, factory)
     return factory
 
   return wrap
