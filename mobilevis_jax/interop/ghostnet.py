@@ -1,0 +1,108 @@
+"""PyTorch key layouts of GhostNet and ParameterNet.
+
+* ``timm``: timm's ``ghostnet_050/100/130`` keys (identical to the official GhostNet release),
+  also used by the static ``ghostnet_300m/600m`` twins, whose official-style module tree is the
+  same with plain ``nn.Conv2d`` at every position.
+* ``official``: the official ParameterNet file. At each dynamic position the single
+  ``<X>.weight`` becomes ``<X>.routing.{weight,bias}`` (Linear Cin -> M) and
+  ``<X>.cond_conv.weight`` ``[M, Cout*Cin/g*kh*kw]``. The Flax expert bank is stored in exactly
+  that layout, so it is copied without any transpose.
+
+The layouts are read off the module tree of the Flax model (which mirrors the PyTorch one
+block by block), so one function serves every width, table and number of experts.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from mobilevis_jax.interop import keymap
+from mobilevis_jax.interop.keymap import Entry, register_torch_layout
+
+
+def _conv_entries(torch_prefix: str, flax_path: Sequence[str], dynamic: bool,
+                  routing: str) -> list[Entry]:
+  path = tuple(flax_path)
+  if not dynamic:
+    return keymap.conv(torch_prefix, path)
+  if routing != "sigmoid":
+    # The paper's softmax/MLP router has no official PyTorch counterpart to name its keys after.
+    raise ValueError("only routing='sigmoid' (the official router) has a PyTorch layout")
+  return (keymap.dense(f"{torch_prefix}.routing", path + ("routing",))
+          + keymap.param(f"{torch_prefix}.cond_conv.weight", path + ("experts",)))
+
+
+def _conv_bn_seq(torch_prefix: str, flax_path: tuple[str, ...], dynamic: bool, routing: str,
+                 conv_index: int = 0, bn_index: int = 1) -> list[Entry]:
+  """A ``ConvNormAct`` stored as ``nn.Sequential`` entries ``.<conv_index>`` and ``.<bn_index>``."""
+  return (_conv_entries(f"{torch_prefix}.{conv_index}", flax_path + ("conv",), dynamic, routing)
+          + keymap.bn(f"{torch_prefix}.{bn_index}", flax_path + ("bn",)))
+
+
+def _ghost_module(torch_prefix: str, flax_path: tuple[str, ...], dynamic: bool,
+                  routing: str) -> list[Entry]:
+  return (_conv_bn_seq(f"{torch_prefix}.primary_conv", flax_path + ("primary_conv",), dynamic,
+                       routing)
+          + _conv_bn_seq(f"{torch_prefix}.cheap_operation", flax_path + ("cheap_operation",),
+                         dynamic, routing))
+
+
+def _bottleneck(torch_prefix: str, flax_path: tuple[str, ...], params: dict, dynamic: bool,
+                routing: str) -> list[Entry]:
+  out = _ghost_module(f"{torch_prefix}.ghost1", flax_path + ("ghost1",), dynamic, routing)
+  if "conv_dw" in params:
+    out += keymap.conv(f"{torch_prefix}.conv_dw", flax_path + ("conv_dw",))
+    out += keymap.bn(f"{torch_prefix}.bn_dw", flax_path + ("bn_dw",))
+  if "se" in params:
+    out += keymap.conv(f"{torch_prefix}.se.conv_reduce", flax_path + ("se", "reduce"), bias=True)
+    out += keymap.conv(f"{torch_prefix}.se.conv_expand", flax_path + ("se", "expand"), bias=True)
+  out += _ghost_module(f"{torch_prefix}.ghost2", flax_path + ("ghost2",), dynamic, routing)
+  if "shortcut_dw" in params:
+    out += _conv_bn_seq(f"{torch_prefix}.shortcut", flax_path + ("shortcut_dw",), dynamic,
+                        routing, 0, 1)
+    out += _conv_bn_seq(f"{torch_prefix}.shortcut", flax_path + ("shortcut_pw",), dynamic,
+                        routing, 2, 3)
+  return out
+
+
+def _block_indices(params: dict) -> list[tuple[int, int]]:
+  idx = []
+  for name in params:
+    if name.startswith("blocks_"):
+      _, i, j = name.split("_")
+      idx.append((int(i), int(j)))
+  return sorted(idx)
+
+
+def ghostnet_entries(model, variables) -> list[Entry]:
+  """Entries for any :class:`~mobilevis_jax.models.ghostnet.GhostNet` (keys follow PyTorch order)."""
+  params = variables["params"]
+  dynamic, routing = model.dynamic, model.routing
+  out = _conv_entries("conv_stem", ("conv_stem",), dynamic, routing)
+  out += keymap.bn("bn1", ("bn1",))
+  last_group = len(model.table)
+  for i, j in _block_indices(params):
+    name = f"blocks_{i}_{j}"
+    if i == last_group:  # the final 1x1 ConvBnAct: keys conv / bn1
+      out += _conv_entries(f"blocks.{i}.{j}.conv", (name, "conv"), dynamic, routing)
+      out += keymap.bn(f"blocks.{i}.{j}.bn1", (name, "bn"))
+    else:
+      out += _bottleneck(f"blocks.{i}.{j}", (name,), params[name], dynamic, routing)
+  if "conv_head" in params:
+    out += keymap.conv("conv_head", ("conv_head",), bias=True)
+    out += keymap.dense("classifier", ("classifier",))
+  return out
+
+
+@register_torch_layout("ghostnet", "official")
+def official_layout(model_name: str, model, variables) -> list[Entry]:
+  if not model.dynamic:
+    raise ValueError(f"{model_name} has static convs: its PyTorch keys are the 'timm' layout")
+  return ghostnet_entries(model, variables)
+
+
+@register_torch_layout("ghostnet", "timm")
+def timm_layout(model_name: str, model, variables) -> list[Entry]:
+  if model.dynamic:
+    raise ValueError(f"{model_name} has dynamic convs: timm has no such model; use the "
+                     "'official' (ParameterNet) layout")
+  return ghostnet_entries(model, variables)
