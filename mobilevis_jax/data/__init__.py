@@ -1,0 +1,41 @@
+"""Datasets and input pipelines (TFDS + tf.data on the host, numpy batches out).
+
+Importing this package hides GPUs from TensorFlow (the accelerator belongs to JAX) and registers
+our TFDS builders: ``mobilevis_digits`` (embedded default dataset) and ``imagenet22k``.
+``imagenet2012`` is TFDS's own builder.
+
+    from mobilevis_jax import data
+    cfg = data.default_data_config()
+    it = data.train_iterator(cfg, global_batch_size=64, seed=0)
+    batch = next(it)   # {'image': float32 [64, 32, 32, 3], 'label': int32 [64]}
+"""
+import importlib.util
+import sys
+
+# Loading triton's native library (pulled in by torchvision / timm) *after* TensorFlow's crashes the
+# process (a native symbol clash, segfault in triton/knobs.py). Loading it first is harmless, so do
+# that whenever triton is installed and TensorFlow is not loaded yet.
+if "tensorflow" not in sys.modules and importlib.util.find_spec("triton") is not None:
+  try:
+    import triton._C.libtriton  # noqa: F401
+  except ImportError:
+    pass
+
+import tensorflow as tf  # noqa: E402
+
+# TensorFlow must never allocate accelerator memory: JAX owns it.
+try:
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF already initialised its devices; they were hidden then or never seen
+  pass
+
+from mobilevis_jax.data import digits_builder as _digits_builder  # noqa: E402,F401 (registers)
+from mobilevis_jax.data import imagenet22k_builder as _imagenet22k_builder  # noqa: E402,F401
+from mobilevis_jax.data.config import default_data_config, validate_data_config  # noqa: E402
+from mobilevis_jax.data.image_check import CorruptImageError  # noqa: E402
+from mobilevis_jax.data.mixup import mixup_cutmix, mixup_cutmix_np  # noqa: E402
+from mobilevis_jax.data.pipeline import dataset_info, eval_iterator, train_iterator  # noqa: E402
+from mobilevis_jax.data.sources import prepare  # noqa: E402
+
+__all__ = ["CorruptImageError", "dataset_info", "default_data_config", "eval_iterator",
+           "mixup_cutmix", "mixup_cutmix_np", "prepare", "train_iterator", "validate_data_config"]

@@ -1,0 +1,163 @@
+"""The data section of every training config (``config.data``).
+
+One ``ml_collections.ConfigDict`` describes the dataset, the split names, the train-time
+augmentation recipe and the eval transform. The recipes in ``experiments/configs/`` start from
+:func:`default_data_config` and override fields; :func:`validate_data_config` is called by the
+pipeline so a typo fails before any data is read.
+
+Recipe values, for reference (see ``/work/shared/reference``):
+
+* RepViT / MobileViG (DeiT recipe): ``randaugment='rand-m9-mstd0.5-inc1'``, bicubic crop,
+  ``random_erasing=0.25``, ``repeated_aug=3``, mixup 0.8 / cutmix 1.0, switch 0.5, smoothing 0.1,
+  eval ``crop_pct`` 0.875 (Resize 256 -> 224) for RepViT, 0.9 (248 -> 224) for MobileViG.
+* ParC-Net: bilinear crop + flip only, ``normalization='parc_bgr'``, ``multi_scale`` = (160, 192,
+  256, 288, 320) around 256, eval resize 288 -> crop 256 (``crop_pct`` = 256 / 288), smoothing 0.1.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+DATASETS = ("mobilevis_digits", "imagenet2012", "imagenet22k")
+NORMALIZATIONS = ("imagenet", "parc_bgr", "none")
+INTERPOLATIONS = ("bilinear", "bicubic", "random")
+
+
+def default_data_dir() -> str:
+  """Where TFDS datasets live unless the config says otherwise: ``$TFDS_DATA_DIR`` or
+  ``~/tensorflow_datasets`` (the TFDS default)."""
+  return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The default data section: the embedded ``mobilevis_digits`` dataset at 32x32, light augmentation.
+
+  Every field:
+
+  * ``name``: TFDS dataset, one of ``mobilevis_digits`` (embedded, built offline from scikit-learn's
+    digits), ``imagenet2012`` (TFDS's own builder, manual tars), ``imagenet22k`` (our builder).
+  * ``builder_config``: TFDS builder config (``imagenet22k``: ``fall11`` or ``winter21``); '' = default.
+  * ``data_dir``: TFDS data directory; '' means ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
+  * ``manual_dir``: directory holding the source archives (ImageNet tars); only used by ``prepare``.
+  * ``file_format``: ``tfrecord`` or ``array_record`` (used when preparing; reading detects it).
+  * ``train_split`` / ``eval_split``: TFDS split names (any TFDS split expression, e.g. ``train[:90%]``).
+  * ``image_size``: train crop size and eval crop size (pixels, square).
+  * ``interpolation``: resize kernel of RandomResizedCrop: ``bilinear``, ``bicubic`` or ``random``
+    (per image, bilinear or bicubic with equal probability, like timm's ``random``).
+  * ``eval_interpolation``: resize kernel of the eval transform (timm uses bicubic).
+  * ``crop_pct``: eval transform resizes the shorter side to ``floor(image_size / crop_pct)`` then
+    centre-crops ``image_size``.
+  * ``scale`` / ``ratio``: RandomResizedCrop area fraction range and aspect-ratio range.
+  * ``hflip``: probability of a horizontal flip.
+  * ``normalization``: ``imagenet`` (RGB, /255, ImageNet mean/std), ``parc_bgr`` (ParC-Net's cv2
+    convention: BGR channel order, /255, no mean/std), ``none`` (RGB in [0, 1]).
+  * ``randaugment``: timm RandAugment string (e.g. ``rand-m9-mstd0.5-inc1``) or '' for none.
+  * ``color_jitter``: brightness/contrast/saturation strength (torchvision ColorJitter); 0 = off.
+    As in timm, it is not applied when ``randaugment`` is set.
+  * ``random_erasing``: probability of erasing one rectangle per image (timm ``RandomErasing``,
+    pixel mode: per-pixel standard-normal values in the normalised space); 0 = off.
+  * ``repeated_aug``: k, each image appears k times per epoch with independent augmentations (DeiT's
+    RASampler); the k copies of an image sit in the k blocks of a batch; 1 = off.
+  * ``multi_scale``: ParC-Net's multi-scale sampler: list of square resolutions; each step picks one
+    and scales the batch by ``(image_size / res)**2`` so pixels per batch stay constant; () = off.
+  * ``mixup_alpha`` / ``cutmix_alpha`` / ``mixup_switch_prob`` / ``label_smoothing``: batch-level
+    Mixup/CutMix (timm semantics), applied by the trainer with :mod:`mobilevis_jax.data.mixup`.
+  * ``shuffle_buffer``: per-host example shuffle buffer (on top of a per-epoch file-order shuffle).
+  * ``skip_corrupt``: False = a truncated/undecodable image raises ``CorruptImageError`` naming the
+    file; True = it is skipped, counted and logged (at prepare time it is also recorded in the
+    dataset's metadata).
+  * ``cache``: cache the (host's share of the) encoded records in memory; for small datasets.
+  * ``prefetch``: batches to prefetch on the host.
+  * ``num_parallel_calls``: tf.data parallelism for decoding/augmenting; -1 = AUTOTUNE.
+  * ``eval_pad_to_batch``: eval batches are padded to the full batch with ``mask`` = 0.
+  """
+  c = ml_collections.ConfigDict()
+  c.name = "mobilevis_digits"
+  c.builder_config = ""
+  c.data_dir = ""
+  c.manual_dir = ""
+  c.file_format = "tfrecord"
+  c.train_split = "train"
+  c.eval_split = "validation"
+  c.image_size = 32
+  c.interpolation = "bicubic"
+  c.eval_interpolation = "bicubic"
+  c.crop_pct = 0.875
+  c.scale = (0.08, 1.0)
+  c.ratio = (3.0 / 4.0, 4.0 / 3.0)
+  c.hflip = 0.5
+  c.normalization = "imagenet"
+  c.randaugment = ""
+  c.color_jitter = 0.0
+  c.random_erasing = 0.0
+  c.repeated_aug = 1
+  c.multi_scale = ()
+  c.mixup_alpha = 0.0
+  c.cutmix_alpha = 0.0
+  c.mixup_switch_prob = 0.5
+  c.label_smoothing = 0.0
+  c.shuffle_buffer = 10_000
+  c.skip_corrupt = False
+  c.cache = False
+  c.prefetch = 2
+  c.num_parallel_calls = -1
+  c.eval_pad_to_batch = True
+  return c
+
+
+def imagenet_deit_config(image_size: int = 224, crop_pct: float = 0.875) -> ml_collections.ConfigDict:
+  """ImageNet-1K with the DeiT-style recipe RepViT and MobileViG train with."""
+  c = default_data_config()
+  c.name = "imagenet2012"
+  c.image_size = image_size
+  c.crop_pct = crop_pct
+  c.interpolation = "bicubic"
+  c.randaugment = "rand-m9-mstd0.5-inc1"
+  c.color_jitter = 0.4  # inert while randaugment is set (timm semantics), kept for the record
+  c.random_erasing = 0.25
+  c.repeated_aug = 3
+  c.mixup_alpha = 0.8
+  c.cutmix_alpha = 1.0
+  c.label_smoothing = 0.1
+  c.shuffle_buffer = 50_000
+  return c
+
+
+def parc_config() -> ml_collections.ConfigDict:
+  """ImageNet-1K with ParC-Net's recipe: bilinear crop + flip, BGR/255 input, multi-scale batches."""
+  c = default_data_config()
+  c.name = "imagenet2012"
+  c.image_size = 256
+  c.crop_pct = 256 / 288
+  c.interpolation = "bilinear"
+  c.normalization = "parc_bgr"
+  c.multi_scale = (160, 192, 256, 288, 320)
+  c.label_smoothing = 0.1
+  c.shuffle_buffer = 50_000
+  return c
+
+
+def validate_data_config(cfg) -> None:
+  """Raises ValueError naming the first field with a value the pipeline cannot honour."""
+  if cfg.name not in DATASETS:
+    raise ValueError(f"data.name={cfg.name!r}; expected one of {DATASETS}")
+  if cfg.normalization not in NORMALIZATIONS:
+    raise ValueError(f"data.normalization={cfg.normalization!r}; expected one of {NORMALIZATIONS}")
+  for field in ("interpolation", "eval_interpolation"):
+    if cfg[field] not in INTERPOLATIONS:
+      raise ValueError(f"data.{field}={cfg[field]!r}; expected one of {INTERPOLATIONS}")
+  if not 0.0 < cfg.crop_pct <= 1.0:
+    raise ValueError(f"data.crop_pct={cfg.crop_pct}; expected 0 < crop_pct <= 1")
+  if int(cfg.repeated_aug) < 1:
+    raise ValueError(f"data.repeated_aug={cfg.repeated_aug}; expected an integer >= 1")
+  if not 0.0 <= cfg.random_erasing <= 1.0:
+    raise ValueError(f"data.random_erasing={cfg.random_erasing}; expected a probability")
+  if cfg.file_format not in ("tfrecord", "array_record"):
+    raise ValueError(f"data.file_format={cfg.file_format!r}; expected 'tfrecord' or 'array_record'")
+  if cfg.randaugment:
+    from mobilevis_jax.data.randaugment import parse_randaugment
+    parse_randaugment(cfg.randaugment)  # raises ValueError on a bad string
+  for r in cfg.multi_scale:
+    if int(r) <= 0:
+      raise ValueError(f"data.multi_scale={tuple(cfg.multi_scale)}; resolutions must be positive")
