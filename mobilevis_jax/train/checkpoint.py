@@ -1,0 +1,154 @@
+"""Checkpoints with orbax: the training state of a run, and model variables on their own.
+
+Training checkpoints live in `<workdir>/checkpoints/<step>/` (an orbax `CheckpointManager`: async
+saves, keep-N, saves on the preemption signal). Each holds the whole `TrainState` (parameters,
+BatchNorm statistics, optimiser state, EMA, step, RNG key) plus a JSON `meta` item with the data
+position (the number of global batches consumed, from which the input pipeline restarts) and the
+model name and kwargs. Restoring walks back from the newest step: a step that fails to restore
+(truncated or corrupt files, e.g. a run killed while writing) is reported in a log line and the
+previous one is used.
+
+Variables checkpoints (`save_variables` / `restore_variables`) hold only `{'params', 'batch_stats'}`
+and a `meta.json`; `mobilevis import` writes them, and the trainer reads them for `init_from` and
+for a distillation teacher. `restore_variables` also accepts a training work directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+_STATE = 'state'
+_META = 'meta'
+_VARIABLES = 'variables'
+_META_FILE = 'meta.json'
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+class TrainCheckpointer:
+  """A CheckpointManager over `<workdir>/checkpoints` that restores the newest readable step."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, use_async: bool = True):
+    self.directory = checkpoint_dir(workdir)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async,
+                                           create=True)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()})
+
+  def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+    return self.manager.save(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}), force=force)
+
+  def reached_preemption(self, step: int) -> bool:
+    try:
+      return bool(self.manager.reached_preemption(step))
+    except Exception:  # pylint: disable=broad-except
+      # Without a distributed runtime (single process, CPU) there is no preemption service.
+      return False
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+  def all_steps(self) -> list[int]:
+    self.manager.reload()
+    return sorted(self.manager.all_steps())
+
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
+    """(state, meta, step) of the newest readable checkpoint, or None if there is none.
+
+    `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings (the target layout), so a
+    restore lands directly on the devices of the current mesh.
+    """
+    steps = self.all_steps()
+    for i, step in enumerate(reversed(steps)):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardRestore(abstract_state), _META: ocp.args.JsonRestore()}))
+        return restored[_STATE], dict(restored[_META]), step
+      except Exception as e:  # pylint: disable=broad-except
+        older = steps[len(steps) - i - 2] if len(steps) - i - 2 >= 0 else None
+        msg = (f'checkpoint at step {step} in {self.directory} could not be restored '
+               f'({type(e).__name__}: {str(e)[:300]}); ')
+        msg += f'falling back to step {older}' if older is not None else 'no older checkpoint left'
+        log.warning(msg)
+        print('WARNING: ' + msg, flush=True)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Variables-only checkpoints
+# ------------------------------------------------------------------------------------------------
+
+def save_variables(directory: str, variables: Any, *, model_name: str, extra: dict | None = None) -> None:
+  """Writes `variables` ({'params', 'batch_stats'?}) and meta.json with the model name (+ extra)."""
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  variables = jax.tree.map(lambda x: jax.device_get(x), dict(variables))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, _VARIABLES), variables, force=True)
+    ckptr.wait_until_finished()
+  meta = {'model_name': model_name, **(extra or {})}
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, _META_FILE), 'w') as f:
+      json.dump(meta, f, indent=1, default=str)
+
+
+def _is_train_workdir(directory: str) -> bool:
+  return os.path.isdir(checkpoint_dir(directory))
+
+
+def restore_variables(directory: str) -> tuple[dict, dict]:
+  """(variables, meta) from a `save_variables` directory or a training work directory.
+
+  For a work directory, the newest readable training checkpoint's raw (non-EMA) parameters and
+  BatchNorm statistics are returned; meta carries model_name, model_kwargs and step.
+  """
+  directory = os.path.abspath(directory)
+  if os.path.isdir(os.path.join(directory, _VARIABLES)):
+    with ocp.StandardCheckpointer() as ckptr:
+      variables = ckptr.restore(os.path.join(directory, _VARIABLES))
+    meta_path = os.path.join(directory, _META_FILE)
+    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+    return dict(variables), meta
+  if _is_train_workdir(directory):
+    ckpt = TrainCheckpointer(directory, use_async=False)
+    steps = ckpt.all_steps()
+    for step in reversed(steps):
+      try:
+        # Target: the saved shapes, replicated over this process's view of all devices, so a
+        # checkpoint written by N processes restores in one (orbax refuses a topology change
+        # without an explicit target).
+        tree = ckpt.manager.item_metadata(step)[_STATE]
+        sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), PartitionSpec())
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+        restored = ckpt.manager.restore(step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardRestore(target), _META: ocp.args.JsonRestore()}))
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning('checkpoint at step %d unreadable (%s); trying an older one', step, e)
+        print(f'WARNING: checkpoint at step {step} unreadable ({type(e).__name__}); trying an older one')
+        continue
+      state, meta = restored[_STATE], dict(restored[_META])
+      variables = {'params': state['params']}
+      if state.get('batch_stats'):
+        variables['batch_stats'] = state['batch_stats']
+      meta['step'] = step
+      return variables, meta
+    raise FileNotFoundError(f'no readable training checkpoint under {checkpoint_dir(directory)}')
+  raise FileNotFoundError(f'{directory} holds neither a variables checkpoint ({_VARIABLES}/) nor a '
+                          'training work directory (checkpoints/)')

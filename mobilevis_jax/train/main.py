@@ -1,0 +1,99 @@
+"""`mobilevis train` and `mobilevis eval`: flags only; the work happens in train.py.
+
+    mobilevis train [--config experiments/configs/NAME.py] --workdir DIR [--config.key=value ...]
+    mobilevis eval  --config experiments/configs/NAME.py --checkpoint DIR [--config.key=value ...]
+
+Without --config the default recipe (mobilevis_jax/train/default_config.py, the embedded digits
+dataset) is used. Overrides use the config's own types; an unknown key is an error naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Separates '--config.a.b=v' / '--config.a.b v' overrides from the other flags."""
+  rest, overrides = [], []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith('--config.'):
+      body = arg[len('--config.'):]
+      if '=' not in body:
+        if i + 1 >= len(argv):
+          raise ValueError(f'{arg} needs a value')
+        body = f'{body}={argv[i + 1]}'
+        i += 1
+      overrides.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def _parse(argv, prog: str, checkpoint: bool):
+  parser = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n\n')[0])
+  parser.add_argument('--config', default=None, help='ml_collections config file (default: the digits recipe)')
+  if checkpoint:
+    parser.add_argument('--checkpoint', required=True,
+                        help='variables checkpoint (mobilevis import) or training work directory')
+    parser.add_argument('--workdir', default=None, help='unused by eval; accepted for symmetry')
+  else:
+    parser.add_argument('--workdir', required=True, help='checkpoints, metrics.jsonl and TensorBoard events')
+  rest, overrides = _split_overrides(list(argv))
+  args = parser.parse_args(rest)
+  from mobilevis_jax.train.config import load_config  # pylint: disable=import-outside-toplevel
+  cfg = load_config(args.config, overrides)
+  return args, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+  """`mobilevis train`; returns 0 on success, 2 on a config error, 3 on a non-finite loss."""
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    args, cfg = _parse(argv, 'mobilevis train', checkpoint=False)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'mobilevis train: error: {e}', file=sys.stderr)
+    return 2
+  from mobilevis_jax.train import distributed, train  # pylint: disable=import-outside-toplevel
+  distributed.initialize_distributed(cfg.distributed)
+  try:
+    result = train.train_and_evaluate(cfg, args.workdir)
+  except train.NonFiniteLossError as e:
+    print(f'mobilevis train: stopped: {e}', file=sys.stderr)
+    return 3
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    if 'eval/top1' in result:
+      print(f"test accuracy (top-1): {100 * result['eval/top1']:.2f}% on {int(result['eval/count'])} images")
+    print(json.dumps(result))
+  return 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+  """`mobilevis eval`: top-1/top-5 of a checkpoint on the config's eval split (and fused, if set)."""
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    args, cfg = _parse(argv, 'mobilevis eval', checkpoint=True)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'mobilevis eval: error: {e}', file=sys.stderr)
+    return 2
+  from mobilevis_jax.train import distributed, train  # pylint: disable=import-outside-toplevel
+  distributed.initialize_distributed(cfg.distributed)
+  try:
+    result = train.evaluate_checkpoint(cfg, args.checkpoint)
+  except FileNotFoundError as e:
+    print(f'mobilevis eval: error: {e}', file=sys.stderr)
+    return 2
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    print(f"test accuracy (top-1): {100 * result['eval/top1']:.2f}% on {int(result['eval/count'])} images")
+    print(json.dumps(result))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
