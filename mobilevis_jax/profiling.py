@@ -11,6 +11,8 @@ counts multiply-accumulates from the shapes seen at trace time:
 That is the convention of fvcore and of most papers' tables (conv and matmul MACs; normalisation,
 activations and pooling free). Families whose official numbers count differently register a hook
 with :func:`register_profile_hook` that adds the official-profiler figures next to the true ones.
+Tags starting with ``_`` are side counts for such hooks (e.g. what an official profiler counts
+that is not a MAC): they are reported in ``side_counts`` and never added to ``macs``.
 """
 from __future__ import annotations
 
@@ -105,9 +107,12 @@ def profile(name_or_model, resolution: int | None = None, *, variables=None, bat
     variables = jax.eval_shape(lambda r, x: model.init(r, x, train=False), jax.random.PRNGKey(0), x)
   with counting() as counts:
     jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
-  by_tag = {k: v // batch for k, v in sorted(counts.items())}
+  by_tag = {k: v // batch for k, v in sorted(counts.items()) if not k.startswith("_")}
+  side = {k: v // batch for k, v in sorted(counts.items()) if k.startswith("_")}
   result = {"params": count_params(variables), "macs": sum(by_tag.values()), "macs_by_tag": by_tag,
             "resolution": resolution}
+  if side:
+    result["side_counts"] = side
   if family in _HOOKS:
-    result.update(_HOOKS[family](name, dict(by_tag), result["params"]))
+    result.update(_HOOKS[family](name, {**by_tag, **side}, result["params"]))
   return result

@@ -23,12 +23,14 @@ class StateDictError(ValueError):
 
 
 def _to_numpy(value: Any) -> np.ndarray:
+  """A private numpy copy: imported variables must not alias the caller's tensors, which PyTorch
+  may later update in place (e.g. BN running stats in a train-mode forward)."""
   if hasattr(value, "detach"):  # a torch tensor; no torch import needed for numpy input
     value = value.detach().cpu()
     if str(value.dtype) == "torch.bfloat16":
       value = value.float()
-    return value.numpy()
-  return np.asarray(value)
+    return value.numpy().copy()
+  return np.array(value, copy=True)
 
 
 def abstract_variables(model: nn.Module, resolution: int) -> Any:
