@@ -41,7 +41,10 @@ def add_macs(n: int, tag: str) -> None:
 
 
 def register_profile_hook(family: str):
-  """Decorator for ``fn(model_name, counts: dict[str, int], params: int) -> dict`` (merged in)."""
+  """Decorator for ``fn(model_name, counts: dict[str, int], params: int, *, resolution: int) -> dict``.
+
+  The returned dict is merged into ``profile``'s result.
+  """
 
   def wrap(fn):
     _HOOKS[family] = fn
@@ -114,5 +117,5 @@ def profile(name_or_model, resolution: int | None = None, *, variables=None, bat
   if side:
     result["side_counts"] = side
   if family in _HOOKS:
-    result.update(_HOOKS[family](name, {**by_tag, **side}, result["params"]))
+    result.update(_HOOKS[family](name, {**by_tag, **side}, result["params"], resolution=resolution))
   return result

@@ -242,7 +242,8 @@ def mobilevig_b(num_classes: int = 1000, **kwargs) -> MobileViG:
 
 
 @profiling.register_profile_hook("mobilevig")
-def _official_profiler_counts(model_name: str, counts: dict, params: int) -> dict:
+def _official_profiler_counts(model_name: str, counts: dict, params: int, *,
+                              resolution: int | None = None) -> dict:
   """Add the official ``util/profile.py`` numbers and keep the private tags out of true MACs.
 
   Official MACs = conv MACs (ours: conv + dense, same formula) + the C x H GELU count; official
