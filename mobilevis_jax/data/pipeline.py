@@ -112,6 +112,8 @@ class BatchIterator:
 
   @property
   def skipped_corrupt(self) -> int:
+    """Corrupt records skipped so far by the reader. The reader runs ahead of the consumer by the
+    prefetch buffer, so this can include records of batches not yet returned."""
     return self._counter.count if self._counter else 0
 
   def __iter__(self):

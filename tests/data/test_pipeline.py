@@ -132,7 +132,8 @@ def test_truncated_jpeg_in_records_error_or_counted_skip(tmp_path):
   cfg.skip_corrupt = True
   it = _train(cfg, batch=2)
   labels = np.concatenate([b["label"] for b in _take(it, 5)])  # 2 epochs of 5 good images
-  assert it.skipped_corrupt == 2 and labels.shape == (10,)
+  # Both consumed epochs skipped the bad record; prefetch may already have read into a third.
+  assert labels.shape == (10,) and 2 <= it.skipped_corrupt <= 3
 
 
 def test_bad_configs_raise_naming_the_field(digits_dir):
