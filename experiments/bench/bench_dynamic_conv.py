@@ -20,11 +20,12 @@ primary 1x1 and its 190-channel depthwise 3x3 cheap op) and at stride 4 (56x56, 
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mobilevis_jax.timing import median_ms
 
 from mobilevis_jax.layers import Conv2d
 from mobilevis_jax.layers.dynamic_conv import STRATEGIES, DynamicConv
@@ -39,14 +40,6 @@ LAYERS = [
 QUICK_LAYERS = [("1x1 8x8 16->24", 8, 16, 24, 1, 1), ("dw3x3 8x8 24", 8, 24, 24, 3, 24)]
 
 
-def median_ms(fn, *args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
 
 
 def time_layer(layer, x, reps: int) -> float:

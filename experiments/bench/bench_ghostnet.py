@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mobilevis_jax.timing import median_ms
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # for tests.torch_refs
 
@@ -32,14 +33,6 @@ from mobilevis_jax.models import create_model  # noqa: E402
 from mobilevis_jax.models.ghostnet import PARAMETERNET_TABLE, GhostNet  # noqa: E402
 
 
-def median_ms(fn, reps: int) -> float:
-  fn()  # compile / warm up
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
 
 
 def random_variables(model, x):
@@ -112,8 +105,8 @@ def main(argv=None) -> None:
   for label, jax_model, torch_factory in pairs(args.quick):
     torch_model = torch_factory()
     for b in batches:
-      tj = median_ms(jax_forward(jax_model, resolution, b), reps)
-      tt = median_ms(torch_forward(torch_model, resolution, b), reps)
+      tj = median_ms(jax_forward(jax_model, resolution, b), reps=reps)
+      tt = median_ms(torch_forward(torch_model, resolution, b), reps=reps)
       rows[(label, b)] = (tj, tt)
       print(f"{label:28s} {b:5d} {tj:8.2f} {tt:9.2f} {tt / tj:9.2f}")
   dyn, static = [label for label, _, _ in pairs(args.quick)][:2]

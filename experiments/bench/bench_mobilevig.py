@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mobilevis_jax.timing import median_ms
 
 # The PyTorch reference lives with the tests; make the repository root importable.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
@@ -26,14 +27,6 @@ import mobilevis_jax as mv  # noqa: E402
 from mobilevis_jax import interop  # noqa: E402
 
 
-def median_ms(fn, reps: int) -> float:
-  fn()  # warm-up (and compile, for JAX)
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
 
 
 def main(argv=None):
@@ -68,8 +61,8 @@ def main(argv=None):
       with torch.inference_mode():
         return ref(xt)
 
-    t_torch = median_ms(run_torch, reps)
-    t_jax = median_ms(lambda: jax.block_until_ready(apply(variables, xj)), reps)
+    t_torch = median_ms(run_torch, reps=reps)
+    t_jax = median_ms(lambda: jax.block_until_ready(apply(variables, xj)), reps=reps)
     diff = float(np.abs(np.asarray(apply(variables, xj)) - run_torch().numpy()).max())
     rows.append((name, t_torch, t_jax, diff))
     print(f"{name:>14} | {t_torch:9.2f} {t_jax:9.2f} {t_torch / t_jax:8.2f}x | {diff:.2e}")

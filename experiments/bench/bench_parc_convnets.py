@@ -19,18 +19,12 @@ import time
 
 import numpy as np
 
+from mobilevis_jax.timing import median_ms
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NAMES = ("parc_convnext_xt", "parc_resnet50", "parc_mobilenetv2")
 
 
-def _median_ms(fn, reps: int) -> float:
-  fn()  # warm-up (the compiled program / torch's allocator)
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
 
 
 def bench_model(name: str, batch: int, resolution: int, reps: int, parc_method: str) -> dict:
@@ -69,7 +63,7 @@ def bench_model(name: str, batch: int, resolution: int, reps: int, parc_method: 
     return y
 
   diff = float(np.abs(np.asarray(run_jax()) - run_torch().cpu().numpy()).max())
-  jax_ms, torch_ms = _median_ms(run_jax, reps), _median_ms(run_torch, reps)
+  jax_ms, torch_ms = median_ms(run_jax, reps=reps), median_ms(run_torch, reps=reps)
   return {"model": name, "device": device, "jax_ms": jax_ms, "torch_ms": torch_ms,
           "ratio": torch_ms / jax_ms, "compile_s": compile_s, "max_diff": diff}
 

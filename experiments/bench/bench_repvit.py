@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mobilevis_jax.timing import median_ms
 
 # The PyTorch reference lives with the tests; make the repository root importable.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
@@ -28,14 +29,6 @@ import mobilevis_jax as mv  # noqa: E402
 from mobilevis_jax.interop import from_torch_state_dict  # noqa: E402
 
 
-def median_ms(fn, reps: int) -> float:
-  fn()  # warm-up (and compile, for JAX)
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
 
 
 def main(argv=None) -> list[dict]:
@@ -75,9 +68,9 @@ def main(argv=None) -> list[dict]:
     x_jax = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
     for form, (torch_model, jax_fn, v) in forward.items():
       with torch.inference_mode():
-        t_torch = median_ms(lambda: torch_model(x), reps)
+        t_torch = median_ms(lambda: torch_model(x), reps=reps)
         y_torch = torch_model(x).numpy()
-      t_jax = median_ms(lambda: jax_fn(v, x_jax).block_until_ready(), reps)
+      t_jax = median_ms(lambda: jax_fn(v, x_jax).block_until_ready(), reps=reps)
       diff = float(np.max(np.abs(np.asarray(jax_fn(v, x_jax)) - y_torch)))
       rows.append(dict(form=form, batch=batch, torch_ms=t_torch, jax_ms=t_jax,
                        ratio=t_torch / t_jax, max_abs_diff=diff))

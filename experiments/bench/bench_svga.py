@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mobilevis_jax.timing import median_ms
 
 from mobilevis_jax.layers import knn_graph, svga
 
@@ -27,14 +28,6 @@ from mobilevis_jax.layers import knn_graph, svga
 SETTINGS = [(7, 256, 1), (14, 240, 1), (28, 96, 2), (56, 48, 4)]
 
 
-def median_ms(fn, *args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(times))
 
 
 class GraphBlock(nn.Module):
