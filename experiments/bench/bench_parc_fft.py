@@ -20,27 +20,18 @@ stored value agrees).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mobilevis_jax.layers import parc
+from mobilevis_jax.timing import median_ms
 
 FULL_SIZES = (7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96, 128)
 QUICK_SIZES = (7, 16, 32)
 
 
-def time_fn(fn, *args, reps: int) -> float:
-  """Median wall time (s) of a jitted call, compile excluded."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def measure(sizes=FULL_SIZES, batch: int = 8, channels: int = 96, reps: int = 10,
@@ -61,13 +52,13 @@ def measure(sizes=FULL_SIZES, batch: int = 8, channels: int = 96, reps: int = 10
     x = jax.random.normal(kx, (batch, n, n, channels), jnp.float32)
     kh = jax.random.normal(kk, (n, channels), jnp.float32)
     kw = jax.random.normal(kw_, (n, channels), jnp.float32)
-    row = {"n": n, "direct_ms": 1e3 * time_fn(direct, x, kh, reps=reps),
-           "fft_ms": 1e3 * time_fn(fft, x, kh, reps=reps),
-           "conv_ms": 1e3 * time_fn(conv, x, kh, reps=reps) if n <= conv_max else float("nan")}
+    row = {"n": n, "direct_ms": median_ms(direct, x, kh, reps=reps),
+           "fft_ms": median_ms(fft, x, kh, reps=reps),
+           "conv_ms": median_ms(conv, x, kh, reps=reps) if n <= conv_max else float("nan")}
     if pair:
-      row["pair_direct_ms"] = 1e3 * time_fn(pair_direct, x, kh, kw, reps=reps)
-      row["pair_fft_ms"] = 1e3 * time_fn(pair_fft, x, kh, kw, reps=reps)
-      row["pair_fft2_ms"] = 1e3 * time_fn(pair_fft2, x, kh, kw, reps=reps)
+      row["pair_direct_ms"] = median_ms(pair_direct, x, kh, kw, reps=reps)
+      row["pair_fft_ms"] = median_ms(pair_fft, x, kh, kw, reps=reps)
+      row["pair_fft2_ms"] = median_ms(pair_fft2, x, kh, kw, reps=reps)
     rows.append(row)
   return rows
 

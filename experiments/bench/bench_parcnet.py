@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,17 +21,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import mobilevis_jax  # noqa: E402
 from mobilevis_jax.interop import from_torch_state_dict  # noqa: E402
+from mobilevis_jax.timing import median_ms  # noqa: E402
 from tests.torch_refs.parcnet_official import ParCNetRef  # noqa: E402
 
 
-def median_time(fn, reps):
-  fn()
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def main():
@@ -52,16 +44,16 @@ def main():
   x = np.random.default_rng(0).uniform(0, 1, (batch, res, res, 3)).astype(np.float32)
   xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
   with torch.no_grad():
-    t_torch = median_time(lambda: ref(xt), reps)
+    t_torch = median_ms(lambda: ref(xt), reps=reps)
   print(f"{name} {res}px batch {batch}; jax backend {jax.default_backend()}, "
         f"torch threads {torch.get_num_threads()}")
-  print(f"pytorch reference (eager): {1e3 * t_torch:9.1f} ms")
+  print(f"pytorch reference (eager): {t_torch:9.1f} ms")
   xj = jnp.asarray(x)
   for m in methods:
     model = mobilevis_jax.create_model(name, parc_method=m)
     fwd = jax.jit(lambda v, x, model=model: model.apply(v, x))
-    t = median_time(lambda: jax.block_until_ready(fwd(variables, xj)), reps)
-    print(f"jax jit, parc_method={m:<6}: {1e3 * t:9.1f} ms   ratio jax/torch = {t / t_torch:.2f}")
+    t = median_ms(fwd, variables, xj, reps=reps)
+    print(f"jax jit, parc_method={m:<6}: {t:9.1f} ms   ratio jax/torch = {t / t_torch:.2f}")
 
 
 if __name__ == "__main__":
