@@ -194,15 +194,21 @@ def multiscale_schedule(cfg, *, local_batch: int, seed: int, num_steps: int):
   return res[pick], per_res[pick]
 
 
-def train_iterator(cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
-                   process_index: int | None = None, process_count: int | None = None):
-  """Infinite iterator over this host's train batches (see the module docstring)."""
+def _host_share(cfg, global_batch_size: int, process_index, process_count):
+  """Validate the config; return (process_index, process_count, this host's batch size)."""
   config_lib.validate_data_config(cfg)
   process_index, process_count = sources._process(process_index, process_count)
   if global_batch_size % process_count:
     raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
                      f"process_count={process_count}")
-  local_batch = global_batch_size // process_count
+  return process_index, process_count, global_batch_size // process_count
+
+
+def train_iterator(cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
+                   process_index: int | None = None, process_count: int | None = None):
+  """Infinite iterator over this host's train batches (see the module docstring)."""
+  process_index, process_count, local_batch = _host_share(cfg, global_batch_size, process_index,
+                                                          process_count)
   k = int(cfg.repeated_aug)
   if local_batch % k:
     raise ValueError(f"per-host batch {local_batch} is not divisible by repeated_aug={k}")
@@ -276,12 +282,8 @@ def train_iterator(cfg, *, global_batch_size: int, seed: int, start_step: int = 
 def eval_iterator(cfg, *, global_batch_size: int, process_index: int | None = None,
                   process_count: int | None = None):
   """One pass over ``cfg.eval_split``: ``{'image', 'label', 'mask'}`` batches (padded)."""
-  config_lib.validate_data_config(cfg)
-  process_index, process_count = sources._process(process_index, process_count)
-  if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
-                     f"process_count={process_count}")
-  local_batch = global_batch_size // process_count
+  process_index, process_count, local_batch = _host_share(cfg, global_batch_size, process_index,
+                                                          process_count)
   builder = sources.builder_for(cfg)
   records, n_host = sources.eval_records(builder, cfg.eval_split, process_index=process_index,
                                          process_count=process_count)
