@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mobilevis_jax.models.registry import create_model, model_info
+from mobilevis_jax.models.registry import abstract_variables, create_model, model_info
 
 _COUNTS: contextvars.ContextVar[collections.Counter | None] = contextvars.ContextVar(
     "mac_counts", default=None)
@@ -107,7 +107,7 @@ def profile(name_or_model, resolution: int | None = None, *, variables=None, bat
     model, name = name_or_model, type(name_or_model).__name__
   x = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.float32)
   if variables is None:
-    variables = jax.eval_shape(lambda r, x: model.init(r, x, train=False), jax.random.PRNGKey(0), x)
+    variables = abstract_variables(model, resolution, batch)
   with counting() as counts:
     jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
   by_tag = {k: v // batch for k, v in sorted(counts.items()) if not k.startswith("_")}

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from mobilevis_jax.models.registry import can_fuse, create_model, fuse, list_models, model_info
+from mobilevis_jax.models.registry import (abstract_variables, can_fuse, create_model, fuse,
+                                           list_models, model_info)
 from mobilevis_jax.profiling import profile
 
 
@@ -74,9 +75,7 @@ def zoo_table(pattern: str = "*", fuse_resolution: int = 64, check_fuse: bool = 
            "fused_gmacs": None, "fuse_max_abs_diff": None}
     if can_fuse(name):
       model = create_model(name)
-      abstract = jax.eval_shape(lambda r, x: model.init(r, x, train=False), jax.random.PRNGKey(0),
-                                jax.ShapeDtypeStruct((1, info.default_resolution, info.default_resolution, 3), jnp.float32))
-      fm, fv = _abstract_fuse(model, abstract)
+      fm, fv = _abstract_fuse(model, abstract_variables(model, info.default_resolution))
       fp = profile(fm, info.default_resolution, variables=fv)
       row["fused_params"], row["fused_gmacs"] = fp["params"], fp["macs"] / 1e9
       if check_fuse:
@@ -85,9 +84,9 @@ def zoo_table(pattern: str = "*", fuse_resolution: int = 64, check_fuse: bool = 
   return rows
 
 
-def _abstract_fuse(model, abstract_variables):
+def _abstract_fuse(model, abstract):
   """Fuse shape-only variables: run the fuser on zeros (cheap) to learn the fused structure."""
-  zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract_variables)
+  zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract)
   fused_model, fused_vars = fuse(model, zeros)
   return fused_model, jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), fused_vars)
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from mobilevis_jax.interop import keymap
-from mobilevis_jax.models.registry import create_model, model_info
+from mobilevis_jax.models.registry import abstract_variables, create_model, model_info
 
 
 class StateDictError(ValueError):
@@ -31,12 +30,6 @@ def _to_numpy(value: Any) -> np.ndarray:
       value = value.float()
     return value.numpy().copy()
   return np.array(value, copy=True)
-
-
-def abstract_variables(model: nn.Module, resolution: int) -> Any:
-  """Shapes of ``model.init`` at ``resolution`` without allocating or computing anything."""
-  x = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
-  return jax.eval_shape(lambda rng, x: model.init(rng, x, train=False), jax.random.PRNGKey(0), x)
 
 
 def _entries(name: str, model: nn.Module, variables, layout: str) -> list[keymap.Entry]:

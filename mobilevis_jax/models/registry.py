@@ -12,6 +12,8 @@ import fnmatch
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 INPUT_CONVENTIONS = ("imagenet", "parc_bgr")
 
@@ -107,3 +109,9 @@ def fuse(name_or_model, variables, **model_kwargs):
     raise ValueError(f"{type(model).__name__} has no structural re-parameterisation "
                      f"(families with one: {sorted(c.__name__ for c in _FUSERS)})")
   return fuser(model, variables)
+
+
+def abstract_variables(model: nn.Module, resolution: int, batch: int = 1):
+  """Shapes of ``model.init`` at ``resolution`` without allocating or computing anything."""
+  x = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.float32)
+  return jax.eval_shape(lambda rng, x: model.init(rng, x, train=False), jax.random.PRNGKey(0), x)
