@@ -10,73 +10,23 @@ counts multiply-accumulates from the shapes seen at trace time:
 
 That is the convention of fvcore and of most papers' tables (conv and matmul MACs; normalisation,
 activations and pooling free). Families whose official numbers count differently register a hook
-with :func:`register_profile_hook` that adds the official-profiler figures next to the true ones.
+with :func:`mobilevis_jax.models.registry.register_profile_hook` that adds the official-profiler
+figures next to the true ones.
 Tags starting with ``_`` are side counts for such hooks (e.g. what an official profiler counts
 that is not a MAC): they are reported in ``side_counts`` and never added to ``macs``.
 """
 from __future__ import annotations
 
-import collections
-import contextlib
-import contextvars
 import math
-from typing import Callable, Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mobilevis_jax.models.registry import abstract_variables, create_model, model_info
+from mobilevis_jax.layers.macs import add_macs, counting
+from mobilevis_jax.models.registry import abstract_variables, create_model, model_info, profile_hook
 
-_COUNTS: contextvars.ContextVar[collections.Counter | None] = contextvars.ContextVar(
-    "mac_counts", default=None)
-_HOOKS: dict[str, Callable] = {}
-
-
-def add_macs(n: int, tag: str) -> None:
-  """Report ``n`` multiply-accumulates for a custom op (no-op unless profiling)."""
-  counts = _COUNTS.get()
-  if counts is not None:
-    counts[tag] += int(n)
-
-
-def register_profile_hook(family: str):
-  """Decorator for ``fn(model_name, counts: dict[str, int], params: int, *, resolution: int) -> dict``.
-
-  The returned dict is merged into ``profile``'s result.
-  """
-
-  def wrap(fn):
-    _HOOKS[family] = fn
-    return fn
-
-  return wrap
-
-
-def _interceptor(next_fun, args, kwargs, context):
-  out = next_fun(*args, **kwargs)
-  if context.method_name != "__call__" or _COUNTS.get() is None:
-    return out
-  module = context.module
-  if isinstance(module, nn.Conv) and not isinstance(module, nn.ConvTranspose):
-    x = args[0]
-    taps = math.prod(module.kernel_size)
-    add_macs(math.prod(out.shape) * taps * x.shape[-1] // module.feature_group_count, "conv")
-  elif isinstance(module, nn.Dense):
-    add_macs(math.prod(out.shape) * args[0].shape[-1], "dense")
-  return out
-
-
-@contextlib.contextmanager
-def counting() -> Iterator[collections.Counter]:
-  """Collect MACs of everything traced inside the context, by tag."""
-  counts: collections.Counter = collections.Counter()
-  token = _COUNTS.set(counts)
-  try:
-    with nn.intercept_methods(_interceptor):
-      yield counts
-  finally:
-    _COUNTS.reset(token)
+__all__ = ["add_macs", "count_params", "counting", "profile"]
 
 
 def count_params(variables) -> int:
@@ -116,6 +66,7 @@ def profile(name_or_model, resolution: int | None = None, *, variables=None, bat
             "resolution": resolution}
   if side:
     result["side_counts"] = side
-  if family in _HOOKS:
-    result.update(_HOOKS[family](name, {**by_tag, **side}, result["params"], resolution=resolution))
+  hook = profile_hook(family)
+  if hook is not None:
+    result.update(hook(name, {**by_tag, **side}, result["params"], resolution=resolution))
   return result

@@ -34,7 +34,7 @@ def bench_model(name: str, batch: int, resolution: int, reps: int, parc_method: 
   import mobilevis_jax as mv
   from mobilevis_jax.interop import from_torch_state_dict
   sys.path.insert(0, REPO)
-  from tests.torch_refs import parc_convnets_official as ref
+  from tests.torch_refs import parc_convnets as ref
 
   use_cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
   device = "cuda" if use_cuda else "cpu"

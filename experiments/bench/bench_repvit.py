@@ -2,7 +2,7 @@
 
 Both sides run the same weights (random, with random BN statistics; imported into JAX with
 ``from_torch_state_dict``), in eval mode, unfused and fused (``mobilevis_jax.fuse`` vs the
-official ``replace_batchnorm`` re-implemented in ``tests/torch_refs/repvit_official.py``). PyTorch
+official ``replace_batchnorm`` re-implemented in ``tests/torch_refs/repvit.py``). PyTorch
 runs under ``torch.inference_mode``; JAX is ``jax.jit(model.apply)`` with the output blocked on.
 Each time is the median of several calls after a warm-up (which includes JAX's compile). Compare
 the ratios, not the absolute times: the machine may be shared.
@@ -34,7 +34,7 @@ from mobilevis_jax.interop import from_torch_state_dict  # noqa: E402
 def main(argv=None) -> list[dict]:
   import torch
 
-  from tests.torch_refs import repvit_official as R
+  from tests.torch_refs import repvit as R
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")

@@ -155,10 +155,12 @@ LayoutFn = Callable[..., list[Entry]]
 _LAYOUTS: dict[tuple[str, str], LayoutFn] = {}
 
 
-def register_torch_layout(family: str, layout: str):
-  """Decorator registering ``fn(model_name, model, variables) -> list[Entry]``."""
+def register_torch_layout(layout: str):
+  """Decorator registering ``fn(model_name, model, variables) -> list[Entry]`` as the ``layout``
+  key layout of the family named by ``fn``'s module (``interop/repvit.py`` -> ``'repvit'``)."""
 
   def wrap(fn):
+    family = fn.__module__.rsplit(".", 1)[-1]
     _LAYOUTS[(family, layout)] = fn
     return fn
 

@@ -25,7 +25,7 @@ def _conv_bn_seq(torch_prefix: str, flax_path: tuple[str, ...]) -> list[Entry]:
           + bn(f"{torch_prefix}.1", flax_path + ("bn",)))
 
 
-@register_torch_layout("mobilevig", "official")
+@register_torch_layout("official")
 def official_layout(model_name: str, model, variables) -> list[Entry]:
   cfg = model.config
   entries = (conv("stem.stem.0", ("stem", "conv1"), bias=True) + bn("stem.stem.1", ("stem", "bn1"))

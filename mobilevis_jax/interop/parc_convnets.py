@@ -121,7 +121,7 @@ _BUILDERS = {
 }
 
 
-@register_torch_layout(pcn.FAMILY, "official")
+@register_torch_layout("official")
 def official_layout(model_name: str, model, variables) -> list[Entry]:
   """Entries of the official state_dict of ``model`` (any of the three ParC-ConvNets)."""
   builder = _BUILDERS.get(type(model))

@@ -80,7 +80,7 @@ def _outer_frame(prefix: str, path: tuple[str, ...], num_blocks: int) -> list[En
   return out
 
 
-@register_torch_layout("parcnet", "official")
+@register_torch_layout("official")
 def official_layout(model_name: str, model, variables) -> list[Entry]:
   """Entries in the official state_dict order (``residual.*`` sits between layer_2 and layer_3)."""
   del model_name, variables

@@ -55,7 +55,7 @@ def _head(prefix: str, dist_prefix: str, model: RepViT) -> list[Entry]:
   return entries
 
 
-@register_torch_layout("repvit", "official")
+@register_torch_layout("official")
 def official_layout(model_name: str, model: RepViT, variables=None) -> list[Entry]:
   fused = isinstance(model, FusedRepViT)
   entries = (_conv_norm("features.0.0", ("stem_conv1",), fused)
@@ -86,7 +86,7 @@ def official_layout(model_name: str, model: RepViT, variables=None) -> list[Entr
   return entries + _head("classifier.classifier", "classifier.classifier_dist", model)
 
 
-@register_torch_layout("repvit", "timm")
+@register_torch_layout("timm")
 def timm_layout(model_name: str, model: RepViT, variables=None) -> list[Entry]:
   if isinstance(model, FusedRepViT):
     raise ValueError(f"{model_name}: timm has no fused RepViT layout; export the unfused model "

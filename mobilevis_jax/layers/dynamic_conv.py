@@ -51,17 +51,12 @@ import jax
 import jax.numpy as jnp
 
 from mobilevis_jax.layers.conv import Padding, _pair, explicit_padding, torch_default_kernel_init
+from mobilevis_jax.layers.macs import add_macs
 
 ROUTINGS = ("sigmoid", "softmax")
 STRATEGIES = ("vmap", "grouped")
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-
-
-def _add_macs(n: int, tag: str) -> None:
-  """Report MACs to the profiler (imported here, not at the top: profiling imports the models)."""
-  from mobilevis_jax import profiling
-  profiling.add_macs(n, tag)
 
 
 def expert_bank_init(kernel_shape_oihw: tuple[int, ...]) -> Callable:
@@ -173,7 +168,7 @@ class DynamicConv(nn.Module):
                       (self.num_experts, math.prod(kernel_shape)), jnp.float32)
 
     pooled = jnp.mean(x, axis=(1, 2))
-    _add_macs(b * h * w * cin, "dynamic_routing_pool")
+    add_macs(b * h * w * cin, "dynamic_routing_pool")
     if self.routing == "sigmoid":
       coefficients = jax.nn.sigmoid(self._dense(self.num_experts, cin, "routing")(pooled))
     else:
@@ -182,13 +177,13 @@ class DynamicConv(nn.Module):
       coefficients = jax.nn.softmax(self._dense(self.num_experts, hidden, "routing")(z), axis=-1)
 
     kernels = mix_kernels(coefficients, bank, kernel_shape)
-    _add_macs(b * self.num_experts * math.prod(kernel_shape), "dynamic_mixing")
+    add_macs(b * self.num_experts * math.prod(kernel_shape), "dynamic_mixing")
 
     strides = _pair(self.strides)
     padding = explicit_padding((kh, kw), self.padding, self.dilation)
     y = _CONV_FNS[self.strategy](x, kernels.astype(x.dtype), strides, padding,
                                  _pair(self.dilation), self.groups)
-    _add_macs(y.size * (cin // self.groups) * kh * kw, "dynamic_conv")
+    add_macs(y.size * (cin // self.groups) * kh * kw, "dynamic_conv")
     return y
 
 

@@ -20,9 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mobilevis_jax import profiling
 from mobilevis_jax.layers.activations import gelu
 from mobilevis_jax.layers.conv import Conv2d
+from mobilevis_jax.layers.macs import add_macs
 from mobilevis_jax.layers.norm import BatchNorm
 from mobilevis_jax.layers.svga import kaiming_normal_init
 
@@ -60,7 +60,7 @@ def knn_indices(x: jax.Array, num_neighbors: int = 9, dilation: int = 1,
   if wanted > m:
     raise ValueError(f"num_neighbors * dilation = {wanted} exceeds the {m} candidate keys of a "
                      f"{h}x{w} map pooled by {reduce_ratio}")
-  profiling.add_macs(b * h * w * m * c, "knn_distance")
+  add_macs(b * h * w * m * c, "knn_distance")
   # The graph is not differentiated through (ViG builds it under no_grad).
   queries, keys = jax.lax.stop_gradient(queries), jax.lax.stop_gradient(keys)
   sq_dist = (jnp.sum(queries**2, -1)[:, :, None] - 2.0 * jnp.einsum("bnc,bmc->bnm", queries, keys)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mobilevis_jax.layers.conv import torch_default_kernel_init
+from mobilevis_jax.layers.macs import add_macs
 
 METHODS = ("auto", "direct", "conv", "fft")
 
@@ -63,12 +64,6 @@ def _resolve_method(method: str, n: int) -> str:
                      f"{sorted(FFT_CROSSOVER)}); pass method='direct' or 'fft'")
   crossover = FFT_CROSSOVER[backend]
   return "fft" if crossover is not None and n >= crossover else "direct"
-
-
-def _count_macs(n: int, tag: str) -> None:
-  """Report MACs to ``mobilevis_jax.profiling`` (imported late: profiling imports the models)."""
-  from mobilevis_jax import profiling  # pylint: disable=import-outside-toplevel
-  profiling.add_macs(n, tag)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +205,7 @@ def circular_conv(x: jax.Array, kernel: jax.Array, axis: int, *, method: str = "
   n = _check_operands(x, kernel, axis, dense)
   cout = kernel.shape[-1]
   other = x.shape[3 - axis]
-  _count_macs(x.shape[0] * n * other * n * (x.shape[-1] * cout if dense else cout), "parc")
+  add_macs(x.shape[0] * n * other * n * (x.shape[-1] * cout if dense else cout), "parc")
   resolved = _resolve_method(method, n)
   if resolved == "fft":
     return _fft(x, kernel, axis, dense)
@@ -228,7 +223,7 @@ def circular_conv_hw(x: jax.Array, kernel_h: jax.Array, kernel_w: jax.Array) -> 
   _check_operands(x, kernel_h, 1, dense=False)
   _check_operands(x, kernel_w, 2, dense=False)
   b, h, w, c = x.shape
-  _count_macs(b * h * w * c * (h + w), "parc")
+  add_macs(b * h * w * c * (h + w), "parc")
   dtype = x.dtype
   xs = jnp.fft.rfft2(x.astype(jnp.float32), axes=(1, 2))  # (B, H, W//2+1, C)
   sh = jnp.conj(jnp.fft.fft(kernel_h.astype(jnp.float32), axis=0))  # (H, C)

@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobilevis_jax import profiling
 from mobilevis_jax.layers import BatchNorm, Conv2d, DropPath, LayerScale, gelu
+from mobilevis_jax.layers.macs import add_macs
 from mobilevis_jax.layers.knn_graph import KnnGraphConv
 from mobilevis_jax.layers.svga import FFN, ConvBiasBN, Grapher, MRConv4d, kaiming_normal_init
-from mobilevis_jax.models.registry import register_model
+from mobilevis_jax.models.registry import register_model, register_profile_hook
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ def _report_gelu(shape: tuple[int, ...]) -> None:
   """
   batch, channels = shape[0], shape[-1]
   rows = shape[1] if len(shape) == 4 else 1
-  profiling.add_macs(batch * channels * rows, _PROFILER_GELU_TAG)
+  add_macs(batch * channels * rows, _PROFILER_GELU_TAG)
 
 
 _PROFILER_GELU_TAG = "_official_profiler_gelu"
@@ -204,7 +204,7 @@ class MobileViG(nn.Module):
     for path, leaf in jax.tree_util.tree_flatten_with_path(self.variables.get("params", {}))[0]:
       if getattr(path[-1], "key", None) == "kernel":
         total += math.prod(leaf.shape) + leaf.shape[-2]   # HWIO (I = in/groups) or Dense (in, out)
-    profiling.add_macs(total * batch, _PROFILER_PARAMS_TAG)
+    add_macs(total * batch, _PROFILER_PARAMS_TAG)
 
 
 def Dense1x1(features: int, name: str) -> nn.Dense:
@@ -217,31 +217,31 @@ def _create(variant: str, num_classes: int = 1000, **kwargs) -> MobileViG:
   return MobileViG(VARIANTS[variant], num_classes=num_classes, **kwargs)
 
 
-@register_model(family="mobilevig")
+@register_model()
 def mobilevig_ti(num_classes: int = 1000, **kwargs) -> MobileViG:
   """MobileViG-Ti: 5.27M params (two heads), 0.7 GMACs (official profiler), 75.7% top-1."""
   return _create("mobilevig_ti", num_classes, **kwargs)
 
 
-@register_model(family="mobilevig")
+@register_model()
 def mobilevig_s(num_classes: int = 1000, **kwargs) -> MobileViG:
   """MobileViG-S: 7.28M params (two heads), 1.0 GMACs (official profiler), 78.2% top-1."""
   return _create("mobilevig_s", num_classes, **kwargs)
 
 
-@register_model(family="mobilevig")
+@register_model()
 def mobilevig_m(num_classes: int = 1000, **kwargs) -> MobileViG:
   """MobileViG-M: 14.08M params (two heads), 1.5 GMACs (official profiler), 80.6% top-1."""
   return _create("mobilevig_m", num_classes, **kwargs)
 
 
-@register_model(family="mobilevig")
+@register_model()
 def mobilevig_b(num_classes: int = 1000, **kwargs) -> MobileViG:
   """MobileViG-B: 26.87M params (two heads), 2.8 GMACs (official profiler), 82.6% top-1."""
   return _create("mobilevig_b", num_classes, **kwargs)
 
 
-@profiling.register_profile_hook("mobilevig")
+@register_profile_hook
 def _official_profiler_counts(model_name: str, counts: dict, params: int, *,
                               resolution: int | None = None) -> dict:
   """Add the official ``util/profile.py`` numbers and keep the private tags out of true MACs.

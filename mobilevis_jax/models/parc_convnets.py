@@ -46,7 +46,6 @@ from mobilevis_jax.layers import (BatchNorm, Conv2d, ConvBN, DropPath, LayerScal
 from mobilevis_jax.layers.parc import ParCConv
 from mobilevis_jax.models.registry import register_model
 
-FAMILY = "parc_convnets"
 
 # torch's kaiming_normal_(mode='fan_out') with a ReLU gain, as the official ResNet/MobileNetV2
 # initialise their convolutions, ParC kernels included (jax's "normal" is untruncated). ParC
@@ -340,19 +339,19 @@ class ParCMobileNetV2(nn.Module):
 # ==============================================================================================
 # Registered variants
 # ==============================================================================================
-@register_model(FAMILY, default_resolution=224)
+@register_model(default_resolution=224)
 def parc_convnext_xt(num_classes: int = 1000, **kw) -> ParCConvNeXt:
   """ParC-ConvNeXt-XT: dims 48/96/192/384, depths 3/3/9/3 (7.41M params, 1.14 GMACs)."""
   return ParCConvNeXt(num_classes=num_classes, **kw)
 
 
-@register_model(FAMILY, default_resolution=224)
+@register_model(default_resolution=224)
 def parc_resnet50(num_classes: int = 1000, **kw) -> ParCResNet:
   """ParC-ResNet50 with dense ParC (23.74M params, 3.94 GMACs)."""
   return ParCResNet(num_classes=num_classes, **kw)
 
 
-@register_model(FAMILY, default_resolution=224)
+@register_model(default_resolution=224)
 def parc_mobilenetv2(num_classes: int = 1000, **kw) -> ParCMobileNetV2:
   """ParC-MobileNetV2 (official ``parc_mv2``; 3.53M params, 0.30 GMACs)."""
   return ParCMobileNetV2(num_classes=num_classes, **kw)

@@ -40,8 +40,7 @@ import jax.numpy as jnp
 from mobilevis_jax.layers import BatchNorm, Conv2d, ConvBN, hard_sigmoid, hard_swish, silu
 from mobilevis_jax.layers.conv import trunc_normal_init
 from mobilevis_jax.layers.parc import ParCConv, parc_hw_fused, resample_1d
-from mobilevis_jax.models.registry import register_model
-from mobilevis_jax.profiling import register_profile_hook
+from mobilevis_jax.models.registry import register_model, register_profile_hook
 
 # cvnets initialises every conv with kaiming_normal(mode='fan_out') (untruncated) and zero bias.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -257,19 +256,19 @@ def _create(name: str, num_classes: int, **kw) -> ParCNet:
   return ParCNet(CONFIGS[name], num_classes=num_classes, **kw)
 
 
-@register_model(family="parcnet", default_resolution=256, input_convention="parc_bgr")
+@register_model(default_resolution=256, input_convention="parc_bgr")
 def parcnet_xs(num_classes: int = 1000, **kw) -> ParCNet:
   """ParC-Net-XS: 2.19M params ('add' fusion; no official weights were released)."""
   return _create("parcnet_xs", num_classes, **kw)
 
 
-@register_model(family="parcnet", default_resolution=256, input_convention="parc_bgr")
+@register_model(default_resolution=256, input_convention="parc_bgr")
 def parcnet_s(num_classes: int = 1000, **kw) -> ParCNet:
   """ParC-Net-S: 5.04M params, 1740.6M MACs at 256 (repo profiler), 78.6% ImageNet top-1."""
   return _create("parcnet_s", num_classes, **kw)
 
 
-@register_model(family="parcnet", default_resolution=256, input_convention="parc_bgr")
+@register_model(default_resolution=256, input_convention="parc_bgr")
 def parcnet_h(num_classes: int = 1000, **kw) -> ParCNet:
   """ParC-Net-H: 20.4M params (the wide variant of the official configs)."""
   return _create("parcnet_h", num_classes, **kw)
@@ -325,7 +324,7 @@ def official_profiler_macs(name: str, resolution: int = 256, num_classes: int = 
   return int(macs)
 
 
-@register_profile_hook("parcnet")
+@register_profile_hook
 def official_profile_hook(model_name: str, counts: dict, params: int,
                           resolution: int | None = None) -> dict:
   """``profiling`` hook: adds ``macs_official`` (the repo profiler's count) at ``resolution``.

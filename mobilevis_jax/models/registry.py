@@ -1,8 +1,11 @@
-"""Model registry: names -> factory functions, plus the per-family hooks (fuse).
+"""Model registry: names -> factory functions, plus the per-family hooks (fuse, profile).
 
 Factories live in the family files and register themselves with :func:`register_model`; importing
 ``mobilevis_jax.models`` imports every family, so the registry is complete after
-``import mobilevis_jax``.
+``import mobilevis_jax``. A model's family is the stem of the module that registers it
+(``mobilevis_jax.models.repvit`` -> ``'repvit'``), the same stem its interop file
+(``interop/repvit.py``), its tests (``tests/models/test_repvit.py``), its PyTorch reference
+(``tests/torch_refs/repvit.py``) and its benchmark (``bench_repvit.py``) carry.
 """
 from __future__ import annotations
 
@@ -31,20 +34,28 @@ class ModelInfo:
 
 _MODELS: dict[str, ModelInfo] = {}
 _FUSERS: dict[type, Callable] = {}
+_PROFILE_HOOKS: dict[str, Callable] = {}
 
 
-def register_model(family: str, default_resolution: int = 224, layouts=("official",),
+def family_of(module_name: str) -> str:
+  """The family a module belongs to: its stem (``'mobilevis_jax.interop.repvit'`` -> ``'repvit'``)."""
+  return module_name.rsplit(".", 1)[-1]
+
+
+def register_model(default_resolution: int = 224, layouts=("official",),
                    input_convention: str = "imagenet", name: str | None = None):
   """Decorator registering ``factory(num_classes=1000, **kw) -> nn.Module``.
 
   The model is registered under ``name``, or the factory's ``__name__`` when not given (so that
-  variant tables can register generated factories explicitly).
+  variant tables can register generated factories explicitly), in the family named by the
+  factory's module.
   """
   if input_convention not in INPUT_CONVENTIONS:
     raise ValueError(f"input_convention must be one of {INPUT_CONVENTIONS}")
 
   def wrap(factory):
     model_name = name or factory.__name__
+    family = family_of(factory.__module__)
     if model_name in _MODELS:
       raise ValueError(f"model {model_name!r} is registered twice")
     _MODELS[model_name] = ModelInfo(model_name, family, default_resolution, tuple(layouts),
@@ -85,6 +96,18 @@ def register_fuse(model_class: type):
     return fn
 
   return wrap
+
+
+def register_profile_hook(fn: Callable) -> Callable:
+  """Decorator for ``fn(model_name, counts, params, *, resolution) -> dict`` of the family of ``fn``'s
+  module; :func:`mobilevis_jax.profile` merges the returned dict into its result (official-profiler
+  conventions next to the true counts)."""
+  _PROFILE_HOOKS[family_of(fn.__module__)] = fn
+  return fn
+
+
+def profile_hook(family: str | None) -> Callable | None:
+  return _PROFILE_HOOKS.get(family) if family else None
 
 
 def can_fuse(name_or_model) -> bool:

@@ -240,7 +240,7 @@ def _create(name: str, num_classes: int = 1000, distillation: bool = False,
 
 # One registered factory per variant. ``fused=True`` builds the inference architecture directly
 # (what ``fuse`` returns), e.g. to load a fused official checkpoint.
-_register = register_model(family="repvit", default_resolution=224, layouts=("official", "timm"))
+_register = register_model(default_resolution=224, layouts=("official", "timm"))
 
 
 @_register

@@ -27,9 +27,11 @@ def toy():
   def _toy_for_keymap_test(num_classes=3):
     return _Toy(num_classes=num_classes)
 
-  registry.register_model(family="_toy_family", default_resolution=8)(_toy_for_keymap_test)
+  # The family is the registering module's stem, here this test module's.
+  registry.register_model(default_resolution=8)(_toy_for_keymap_test)
+  assert registry.model_info(name).family == registry.family_of(__name__)
 
-  @keymap.register_torch_layout("_toy_family", "official")
+  @keymap.register_torch_layout("official")
   def _layout(model_name, model, variables):
     return (keymap.conv_bn("stem", ("stem",)) + keymap.param("ls.gamma", ("ls", "scale"), (4, 1, 1))
             + keymap.dense("fc", ("head",), torch_shape=(model.num_classes, 4, 1, 1))
@@ -37,7 +39,7 @@ def toy():
 
   yield name
   registry._MODELS.pop(name)
-  keymap._LAYOUTS.pop(("_toy_family", "official"))
+  keymap._LAYOUTS.pop((registry.family_of(__name__), "official"))
 
 
 def _variables(name, **kw):

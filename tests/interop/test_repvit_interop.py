@@ -1,4 +1,4 @@
-"""RepViT <-> PyTorch: the official layout (our reference in ``tests/torch_refs/repvit_official.py``)
+"""RepViT <-> PyTorch: the official layout (our reference in ``tests/torch_refs/repvit.py``)
 and timm's (``timm.models.repvit``), both directions, through files, unfused and fused.
 
 Every PyTorch load is ``strict=True``; models carry random weights *and* random BN statistics.
@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 import mobilevis_jax as mv  # noqa: E402
 from mobilevis_jax.interop import (from_torch_state_dict, load_state_dict, save_state_dict,  # noqa: E402
                                    to_torch_state_dict)
-from tests.torch_refs import repvit_official as R  # noqa: E402
+from tests.torch_refs import repvit as R  # noqa: E402
 
 ATOL = 1e-4
 

@@ -72,7 +72,7 @@ def test_svga_rejects_bad_input():
 
 def test_mrconv4d_matches_torch_block_concat():
   torch = pytest.importorskip("torch")
-  from tests.torch_refs.mobilevig_official import RefMRConv4d, randomize_bn_
+  from tests.torch_refs.mobilevig import RefMRConv4d, randomize_bn_
   c, h, w = 6, 5, 8
   x = np.random.default_rng(0).normal(size=(2, h, w, c)).astype(np.float32)
   ref = randomize_bn_(RefMRConv4d(c, 2)).eval()

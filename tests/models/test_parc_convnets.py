@@ -82,7 +82,7 @@ def test_bad_input_is_rejected():
 # ------------------------------------------------------------------------------ PyTorch parity
 def _torch_reference(name, resample, seed=0):
   torch = pytest.importorskip("torch")
-  from tests.torch_refs import parc_convnets_official as ref
+  from tests.torch_refs import parc_convnets as ref
   torch.manual_seed(seed)
   model = ref.BUILDERS[name](resample=resample).eval()
   gen = torch.Generator().manual_seed(seed)

@@ -33,6 +33,6 @@ class TinyCNN(nn.Module):
 
 
 if TINY not in list_models(TINY):
-  @register_model(family='trainer_test', default_resolution=16)
+  @register_model(default_resolution=16)
   def trainer_test_tiny_cnn(num_classes=10, **kw):
     return TinyCNN(num_classes=num_classes, **kw)

@@ -12,8 +12,8 @@ module tree for the 600M models, timm for GhostNet) on this machine, and prints
 Median of several calls after a warm-up; torch runs under ``torch.no_grad`` on one thread
 unless ``--torch-threads`` says otherwise (JAX uses XLA's own CPU thread pool). Weights are random (timing does not depend on them).
 
-    python experiments/bench/bench_ghostnet.py            # 224x224, batch 1 and 8
-    python experiments/bench/bench_ghostnet.py --quick    # smoke run: a 3-group half-width slice at 32x32
+    python experiments/bench/bench_parameternet.py            # 224x224, batch 1 and 8
+    python experiments/bench/bench_parameternet.py --quick    # smoke run: a 3-group half-width slice at 32x32
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from mobilevis_jax.timing import median_ms
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # for tests.torch_refs
 
 from mobilevis_jax.models import create_model  # noqa: E402
-from mobilevis_jax.models.ghostnet import PARAMETERNET_TABLE, GhostNet  # noqa: E402
+from mobilevis_jax.models.parameternet import PARAMETERNET_TABLE, GhostNet  # noqa: E402
 
 
 
@@ -71,7 +71,7 @@ def torch_forward(model, resolution: int, batch: int):
 def pairs(quick: bool):
   """(label, JAX model, PyTorch model factory) triples."""
   import timm
-  from tests.torch_refs import parameternet_official as refs
+  from tests.torch_refs import parameternet as refs
   if quick:  # three config groups of the ParameterNet table at half width: compiles in seconds
     rows, table = refs.PARAMETERNET_ROWS[3:6], PARAMETERNET_TABLE[3:6]
     return [

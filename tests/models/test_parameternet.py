@@ -94,7 +94,7 @@ def test_features_only_shapes_and_no_head():
 
 def test_train_step_updates_batch_stats_and_uses_rngs():
   """A 3-group GhostNet (train mode: BN batch statistics, dropout and drop path) stays cheap."""
-  from mobilevis_jax.models.ghostnet import GHOSTNET_V1_TABLE, GhostNet
+  from mobilevis_jax.models.parameternet import GHOSTNET_V1_TABLE, GhostNet
   model = GhostNet(table=GHOSTNET_V1_TABLE[3:6], width=0.5, dynamic=True, num_experts=2,
                    drop_path_rate=0.2, num_classes=5)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
@@ -124,7 +124,7 @@ def test_bad_inputs_and_layouts():
     interop.to_torch_state_dict("ghostnet_050", v, layout="official")
   with pytest.raises(ValueError, match="routing"):
     model = create_model("parameternet_300m", routing="softmax")
-    from mobilevis_jax.interop.ghostnet import ghostnet_entries
+    from mobilevis_jax.interop.parameternet import ghostnet_entries
     ghostnet_entries(model, _abstract_params("parameternet_300m", routing="softmax")[1])
 
 
@@ -133,7 +133,7 @@ def test_bad_inputs_and_layouts():
 def _parity(name, torch_model, layout, resolution, capture=()):
   """Import torch weights (strict), compare logits, export back and strict-load into torch."""
   torch = pytest.importorskip("torch")
-  from tests.torch_refs.parameternet_official import randomize_bn
+  from tests.torch_refs.parameternet import randomize_bn
   randomize_bn(torch_model)
   sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
   variables = interop.from_torch_state_dict(name, sd, layout=layout)
@@ -162,7 +162,7 @@ def _parity(name, torch_model, layout, resolution, capture=()):
 def test_parameternet_600m_parity_224_and_stage_features():
   """The family's one full-resolution check: official module tree, logits and stage outputs."""
   torch = pytest.importorskip("torch")
-  from tests.torch_refs.parameternet_official import parameternet_600m
+  from tests.torch_refs.parameternet import parameternet_600m
   ref = parameternet_600m()
   stage_ends = {"blocks_2_0": 2, "blocks_4_1": 4, "blocks_6_5": 6, "blocks_8_4": 8}
   x, inter = _parity("parameternet_600m", ref, "official", 224, capture=tuple(stage_ends))
@@ -181,7 +181,7 @@ def test_ghostnet_100_parity_with_timm():
 
 def test_parameternet_300m_parity():
   pytest.importorskip("torch")
-  from tests.torch_refs.parameternet_official import parameternet_300m
+  from tests.torch_refs.parameternet import parameternet_300m
   _parity("parameternet_300m", parameternet_300m(), "official", 64)
 
 
@@ -191,7 +191,7 @@ def test_static_twins_and_timm_variants_export_strict(name):
   """Keys and shapes only (logit parity of the static layout is covered by ghostnet_100)."""
   torch = pytest.importorskip("torch")
   timm = pytest.importorskip("timm")
-  from tests.torch_refs import parameternet_official as refs
+  from tests.torch_refs import parameternet as refs
   ref = getattr(refs, name)() if name.endswith("m") else timm.create_model(name)
   _, v = _abstract_params(name)
   v = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.5, np.float32), v)

@@ -74,7 +74,7 @@ def _block_indices(params: dict) -> list[tuple[int, int]]:
 
 
 def ghostnet_entries(model, variables) -> list[Entry]:
-  """Entries for any :class:`~mobilevis_jax.models.ghostnet.GhostNet` (keys follow PyTorch order)."""
+  """Entries for any :class:`~mobilevis_jax.models.parameternet.GhostNet` (keys follow PyTorch order)."""
   params = variables["params"]
   dynamic, routing = model.dynamic, model.routing
   out = _conv_entries("conv_stem", ("conv_stem",), dynamic, routing)
@@ -93,14 +93,14 @@ def ghostnet_entries(model, variables) -> list[Entry]:
   return out
 
 
-@register_torch_layout("ghostnet", "official")
+@register_torch_layout("official")
 def official_layout(model_name: str, model, variables) -> list[Entry]:
   if not model.dynamic:
     raise ValueError(f"{model_name} has static convs: its PyTorch keys are the 'timm' layout")
   return ghostnet_entries(model, variables)
 
 
-@register_torch_layout("ghostnet", "timm")
+@register_torch_layout("timm")
 def timm_layout(model_name: str, model, variables) -> list[Entry]:
   if model.dynamic:
     raise ValueError(f"{model_name} has dynamic convs: timm has no such model; use the "
