@@ -10,9 +10,9 @@ Recipe values, for reference (see ``/work/shared/reference``):
 * RepViT / MobileViG (DeiT recipe): ``randaugment='rand-m9-mstd0.5-inc1'``, bicubic crop,
   ``random_erasing=0.25``, ``repeated_aug=3``, mixup 0.8 / cutmix 1.0, switch 0.5, smoothing 0.1,
   eval ``crop_pct`` 0.875 (Resize 256 -> 224) for RepViT, 0.9 (248 -> 224) for MobileViG.
-* ParC-Net: bilinear crop + flip only, ``normalization='parc_bgr'``, ``multi_scale`` = (160, 192,
-  256, 288, 320) around 256, eval resize 288 -> crop 256 (``crop_pct`` = 256 / 288) bilinear
-  (``eval_interpolation``), smoothing 0.1.
+* ParC-Net: bilinear crop + flip only (cv2: ``antialias=False``), ``normalization='parc_bgr'``,
+  ``multi_scale`` = (160, 192, 256, 288, 320) around 256, eval resize 288 -> crop 256
+  (``crop_pct`` = 256 / 288) bilinear (``eval_interpolation``), smoothing 0.1.
 """
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     (per image, bilinear or bicubic with equal probability, like timm's ``random``).
   * ``eval_interpolation``: resize kernel of the eval transform (timm uses bicubic; ParC-Net's
     cvnets uses cv2 bilinear).
+  * ``antialias``: train and eval resizes widen the kernel when downsampling (PIL/timm); False
+    samples without it, as OpenCV's ``cv2.resize`` does (ParC-Net's cvnets transforms).
   * ``crop_pct``: eval transform resizes the shorter side to ``floor(image_size / crop_pct)`` then
     centre-crops ``image_size``.
   * ``scale`` / ``ratio``: RandomResizedCrop area fraction range and aspect-ratio range.
@@ -89,6 +91,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.image_size = 32
   c.interpolation = "bicubic"
   c.eval_interpolation = "bicubic"
+  c.antialias = True
   c.crop_pct = 0.875
   c.scale = (0.08, 1.0)
   c.ratio = (3.0 / 4.0, 4.0 / 3.0)
@@ -140,7 +143,8 @@ def parc_config() -> ml_collections.ConfigDict:
   c.normalization = "parc_bgr"
   # cvnets' scales for crop 256, 160..320, 5 scales, check_scale 32 (pipeline.cvnets_scales).
   c.multi_scale = (160, 192, 256, 288, 320)
-  c.eval_interpolation = "bilinear"  # cvnets' eval Resize is cv2 bilinear
+  c.eval_interpolation = "bilinear"  # cvnets' eval Resize(288) is cv2.resize INTER_LINEAR ...
+  c.antialias = False                # ... as is its RandomResizedCrop: no antialiasing
   c.label_smoothing = 0.1
   c.shuffle_buffer = 50_000
   return c

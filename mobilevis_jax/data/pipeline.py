@@ -179,13 +179,13 @@ def _train_image_fn(cfg, *, local_copies: int):
     if decoded is None:
       img = transforms.decode_random_resized_crop(
           data, s_crop, tf.stack([size, size]), scale=scale, ratio=ratio,
-          interpolation=cfg.interpolation)
+          interpolation=cfg.interpolation, antialias=bool(cfg.antialias))
     else:
       hw = tf.shape(decoded)[:2]
       top, left, h, w = transforms.random_resized_crop_window(s_crop, hw[0], hw[1], scale, ratio)
       s_interp = transforms.split_seed(s_crop, 2)[1]
       img = transforms.resize(decoded[top:top + h, left:left + w], tf.stack([size, size]),
-                              cfg.interpolation, s_interp)
+                              cfg.interpolation, s_interp, bool(cfg.antialias))
       img = tf.clip_by_value(img, 0.0, 255.0)
     if cfg.hflip > 0:
       img = transforms.random_flip(img, s_flip, cfg.hflip)
@@ -293,7 +293,8 @@ def variable_batch_table(cfg, *, global_batch_size: int, num_devices: int) -> li
   return table
 
 
-def repeated_aug_epoch(num_examples: int, global_batch_size: int, num_devices: int) -> tuple[int, int]:
+def repeated_aug_epoch(num_examples: int, global_batch_size: int,
+                       num_devices: int) -> tuple[int, int]:
   """DeiT RASampler's epoch: ``(samples each device keeps, steps)``.
 
   Each device (replica) keeps ``floor(floor(N / 256) * 256 / num_devices)`` samples; the train
@@ -629,7 +630,7 @@ def eval_iterator(cfg, *, global_batch_size: int, process_index: int | None = No
     del name
     img = tf.io.decode_jpeg(data, channels=3)
     img = transforms.resize_shorter_center_crop(img, size, float(cfg.crop_pct),
-                                                cfg.eval_interpolation)
+                                                cfg.eval_interpolation, bool(cfg.antialias))
     img = transforms.normalize(tf.reshape(img, [size, size, 3]), cfg.normalization)
     return {"image": img, "label": label, "mask": tf.constant(1.0)}
 

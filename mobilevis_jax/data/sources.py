@@ -159,8 +159,8 @@ class TrainShard:
 
   ``epoch(e)`` is a ``tf.data`` dataset of the shard's ``num_examples`` serialized records, each
   exactly once: ArrayRecord builds and ``cache`` use an exact per-epoch permutation
-  (``index_shuffle``); TFRecord builds read the shard files in a per-epoch order, interleaved, through
-  a shuffle buffer seeded by the epoch. Iterating ``epoch(e)`` twice yields the same order, which
+  (``index_shuffle``); TFRecord builds read the shard files in a per-epoch order, interleaved,
+  through a shuffle buffer seeded by the epoch. Iterating ``epoch(e)`` twice yields the same order, which
   the samplers rely on when they wrap around an epoch (padding) or resume inside one.
   """
 
