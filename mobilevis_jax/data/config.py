@@ -161,12 +161,7 @@ def validate_data_config(cfg) -> None:
       raise ValueError(f"data.{field}={cfg[field]!r}; expected one of {INTERPOLATIONS}")
   if not 0.0 < cfg.crop_pct <= 1.0:
     raise ValueError(f"data.crop_pct={cfg.crop_pct}; expected 0 < crop_pct <= 1")
-  if int(cfg.repeated_aug) < 1:
-    raise ValueError(f"data.repeated_aug={cfg.repeated_aug}; expected an integer >= 1")
-  if int(cfg.repeated_aug) > 1 and cfg.multi_scale:
-    raise ValueError(f"data.repeated_aug={cfg.repeated_aug} with data.multi_scale="
-                     f"{tuple(cfg.multi_scale)}: the two samplers (DeiT's RASampler, cvnets' "
-                     "variable-batch sampler) cannot be combined; set one of them off")
+  validate_sampler_config(cfg)
   if not 0.0 <= cfg.random_erasing <= 1.0:
     raise ValueError(f"data.random_erasing={cfg.random_erasing}; expected a probability")
   if cfg.file_format not in ("tfrecord", "array_record"):
@@ -174,6 +169,17 @@ def validate_data_config(cfg) -> None:
   if cfg.randaugment:
     from mobilevis_jax.data.randaugment import parse_randaugment
     parse_randaugment(cfg.randaugment)  # raises ValueError on a bad string
+
+
+def validate_sampler_config(cfg) -> None:
+  """The sampler fields alone (``repeated_aug``, ``multi_scale``; any data source, also the
+  trainer's synthetic one): raises ValueError naming the field."""
+  if int(cfg.repeated_aug) < 1:
+    raise ValueError(f"data.repeated_aug={cfg.repeated_aug}; expected an integer >= 1")
   for r in cfg.multi_scale:
     if int(r) <= 0:
       raise ValueError(f"data.multi_scale={tuple(cfg.multi_scale)}; resolutions must be positive")
+  if int(cfg.repeated_aug) > 1 and cfg.multi_scale:
+    raise ValueError(f"data.repeated_aug={cfg.repeated_aug} with data.multi_scale="
+                     f"{tuple(cfg.multi_scale)}: the two samplers (DeiT's RASampler, cvnets' "
+                     "variable-batch sampler) cannot be combined; set one of them off")

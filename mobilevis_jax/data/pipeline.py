@@ -364,7 +364,8 @@ def train_schedule(cfg, *, num_examples: int, global_batch_size: int, num_device
                    num_epochs: int) -> TrainSchedule:
   """The steps :func:`train_iterator` yields for ``num_epochs`` epochs (same arguments).
 
-  ``num_examples`` is the size of ``cfg.train_split`` (``dataset_info``). Epoch lengths:
+  ``num_examples`` is the size of ``cfg.train_split`` (``dataset_info``). Only the sampler fields
+  of ``cfg`` are read (so the trainer's synthetic source can use it too). Epoch lengths:
 
   * ``stream``: ``max(N // global_batch_size, 1)`` steps (the stream runs on across epochs).
   * ``repeated_aug``: DeiT's ``floor(floor(N / 256) * 256 / D) // (global_batch_size / D)``
@@ -372,7 +373,7 @@ def train_schedule(cfg, *, num_examples: int, global_batch_size: int, num_device
   * ``variable_batch``: one pass over the data, drawn per epoch from ``(seed, epoch)``
     (ParC-Net on 8 devices: about 856 steps of 2624/1792/1024 images).
   """
-  config_lib.validate_data_config(cfg)
+  config_lib.validate_sampler_config(cfg)
   check_device_batch(global_batch_size, num_devices)
   kind = sampler_name(cfg)
   if kind == "variable_batch":
