@@ -312,7 +312,7 @@ def repeated_aug_epoch(num_examples: int, global_batch_size: int,
   return kept, steps
 
 
-def _variable_batch_epoch(cfg, table, *, num_examples: int, num_devices: int, seed: int,
+def _variable_batch_epoch(table, *, num_examples: int, num_devices: int, seed: int,
                           epoch: int) -> tuple[np.ndarray, np.ndarray]:
   """(resolution, per-device batch) of each step of one epoch of cvnets' variable-batch sampler.
 
@@ -378,7 +378,7 @@ def train_schedule(cfg, *, num_examples: int, global_batch_size: int, num_device
   kind = sampler_name(cfg)
   if kind == "variable_batch":
     table = variable_batch_table(cfg, global_batch_size=global_batch_size, num_devices=num_devices)
-    plans = [_variable_batch_epoch(cfg, table, num_examples=num_examples, num_devices=num_devices,
+    plans = [_variable_batch_epoch(table, num_examples=num_examples, num_devices=num_devices,
                                    seed=seed, epoch=e) for e in range(int(num_epochs))]
     steps = np.array([len(r) for r, _ in plans], np.int64)
     res = np.concatenate([r for r, _ in plans]) if plans else np.zeros([0], np.int64)
@@ -501,6 +501,10 @@ def _repeated_aug_dataset(cfg, epoch_records, host_seed, *, num_examples, global
   """DeiT's RASampler over this host's devices (see the module docstring for the mapping)."""
   k = int(cfg.repeated_aug)
   _, steps = repeated_aug_epoch(num_examples, global_batch_size, num_devices)
+  if local_devices < k <= num_devices:
+    log.warning("repeated_aug=%d with %d device(s) per host: each host deals its own images over "
+                "its own devices, so copies of an image share a device (DeiT spreads them over "
+                "all %d replicas)", k, local_devices, num_devices)
   host_batch = local_devices * per_device
   entries = steps * host_batch                      # samples this host feeds per epoch
   records = -(-entries // k)                        # distinct images they come from
@@ -555,7 +559,7 @@ def _variable_batch_dataset(cfg, epoch_records, host_seed, *, num_examples, glob
     raise ValueError(f"variable_batch: epochs of {1 << _KEY_BITS} or more steps are not supported")
 
   def plan(epoch):
-    return _variable_batch_epoch(cfg, table, num_examples=num_examples, num_devices=num_devices,
+    return _variable_batch_epoch(table, num_examples=num_examples, num_devices=num_devices,
                                  seed=seed, epoch=epoch)
 
   # Find the epoch holding start_step, and the samples of it already consumed.
