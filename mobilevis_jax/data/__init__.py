@@ -34,8 +34,10 @@ from mobilevis_jax.data import imagenet22k_builder as _imagenet22k_builder  # no
 from mobilevis_jax.data.config import default_data_config, validate_data_config  # noqa: E402
 from mobilevis_jax.data.image_check import CorruptImageError  # noqa: E402
 from mobilevis_jax.data.mixup import mixup_cutmix, mixup_cutmix_np  # noqa: E402
-from mobilevis_jax.data.pipeline import dataset_info, eval_iterator, train_iterator  # noqa: E402
+from mobilevis_jax.data.pipeline import (  # noqa: E402
+    TrainSchedule, dataset_info, eval_iterator, train_iterator, train_schedule)
 from mobilevis_jax.data.sources import prepare  # noqa: E402
 
-__all__ = ["CorruptImageError", "dataset_info", "default_data_config", "eval_iterator",
-           "mixup_cutmix", "mixup_cutmix_np", "prepare", "train_iterator", "validate_data_config"]
+__all__ = ["CorruptImageError", "TrainSchedule", "dataset_info", "default_data_config",
+           "eval_iterator", "mixup_cutmix", "mixup_cutmix_np", "prepare", "train_iterator",
+           "train_schedule", "validate_data_config"]

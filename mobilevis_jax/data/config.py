@@ -10,8 +10,9 @@ Recipe values, for reference (see ``/work/shared/reference``):
 * RepViT / MobileViG (DeiT recipe): ``randaugment='rand-m9-mstd0.5-inc1'``, bicubic crop,
   ``random_erasing=0.25``, ``repeated_aug=3``, mixup 0.8 / cutmix 1.0, switch 0.5, smoothing 0.1,
   eval ``crop_pct`` 0.875 (Resize 256 -> 224) for RepViT, 0.9 (248 -> 224) for MobileViG.
-* ParC-Net: bilinear crop + flip only, ``normalization='parc_bgr'``, ``multi_scale`` = (160, 192,
-  256, 288, 320) around 256, eval resize 288 -> crop 256 (``crop_pct`` = 256 / 288), smoothing 0.1.
+* ParC-Net: bilinear crop + flip only (cv2: ``antialias=False``), ``normalization='parc_bgr'``,
+  ``multi_scale`` = (160, 192, 256, 288, 320) around 256, eval resize 288 -> crop 256
+  (``crop_pct`` = 256 / 288) bilinear (``eval_interpolation``), smoothing 0.1.
 """
 from __future__ import annotations
 
@@ -45,7 +46,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   * ``image_size``: train crop size and eval crop size (pixels, square).
   * ``interpolation``: resize kernel of RandomResizedCrop: ``bilinear``, ``bicubic`` or ``random``
     (per image, bilinear or bicubic with equal probability, like timm's ``random``).
-  * ``eval_interpolation``: resize kernel of the eval transform (timm uses bicubic).
+  * ``eval_interpolation``: resize kernel of the eval transform (timm uses bicubic; ParC-Net's
+    cvnets uses cv2 bilinear).
+  * ``antialias``: train and eval resizes widen the kernel when downsampling (PIL/timm); False
+    samples without it, as OpenCV's ``cv2.resize`` does (ParC-Net's cvnets transforms).
   * ``crop_pct``: eval transform resizes the shorter side to ``floor(image_size / crop_pct)`` then
     centre-crops ``image_size``.
   * ``scale`` / ``ratio``: RandomResizedCrop area fraction range and aspect-ratio range.
@@ -57,10 +61,14 @@ def default_data_config() -> ml_collections.ConfigDict:
     As in timm, it is not applied when ``randaugment`` is set.
   * ``random_erasing``: probability of erasing one rectangle per image (timm ``RandomErasing``,
     pixel mode: per-pixel standard-normal values in the normalised space); 0 = off.
-  * ``repeated_aug``: k, each image appears k times per epoch with independent augmentations (DeiT's
-    RASampler); the k copies of an image sit in the k blocks of a batch; 1 = off.
-  * ``multi_scale``: ParC-Net's multi-scale sampler: list of square resolutions; each step picks one
-    and scales the batch by ``(image_size / res)**2`` so pixels per batch stay constant; () = off.
+  * ``repeated_aug``: k > 1 selects DeiT's RASampler: per epoch each of ``floor(N / 256) * 256``
+    samples is one of k consecutive copies of an image (independent augmentations), dealt
+    round-robin over the devices so the copies land on different devices; an epoch is
+    ``floor(floor(N / 256) * 256 / D) // (global_batch / D)`` steps (see ``pipeline``); 1 = off.
+  * ``multi_scale``: square resolutions of cvnets' variable-batch sampler (ParC-Net); each step
+    draws one, and each device takes ``make_divisible(max(b, round(b * image_size**2 / r**2)),
+    D)`` images, ``b`` the per-device batch at ``image_size`` (``pipeline.variable_batch_table``);
+    an epoch is one pass over the data. () = off. Cannot be combined with ``repeated_aug``.
   * ``mixup_alpha`` / ``cutmix_alpha`` / ``mixup_switch_prob`` / ``label_smoothing``: batch-level
     Mixup/CutMix (timm semantics), applied by the trainer with :mod:`mobilevis_jax.data.mixup`.
   * ``shuffle_buffer``: per-host example shuffle buffer (on top of a per-epoch file-order shuffle).
@@ -83,6 +91,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.image_size = 32
   c.interpolation = "bicubic"
   c.eval_interpolation = "bicubic"
+  c.antialias = True
   c.crop_pct = 0.875
   c.scale = (0.08, 1.0)
   c.ratio = (3.0 / 4.0, 4.0 / 3.0)
@@ -132,7 +141,10 @@ def parc_config() -> ml_collections.ConfigDict:
   c.crop_pct = 256 / 288
   c.interpolation = "bilinear"
   c.normalization = "parc_bgr"
+  # cvnets' scales for crop 256, 160..320, 5 scales, check_scale 32 (pipeline.cvnets_scales).
   c.multi_scale = (160, 192, 256, 288, 320)
+  c.eval_interpolation = "bilinear"  # cvnets' eval Resize(288) is cv2.resize INTER_LINEAR ...
+  c.antialias = False                # ... as is its RandomResizedCrop: no antialiasing
   c.label_smoothing = 0.1
   c.shuffle_buffer = 50_000
   return c
@@ -149,8 +161,7 @@ def validate_data_config(cfg) -> None:
       raise ValueError(f"data.{field}={cfg[field]!r}; expected one of {INTERPOLATIONS}")
   if not 0.0 < cfg.crop_pct <= 1.0:
     raise ValueError(f"data.crop_pct={cfg.crop_pct}; expected 0 < crop_pct <= 1")
-  if int(cfg.repeated_aug) < 1:
-    raise ValueError(f"data.repeated_aug={cfg.repeated_aug}; expected an integer >= 1")
+  validate_sampler_config(cfg)
   if not 0.0 <= cfg.random_erasing <= 1.0:
     raise ValueError(f"data.random_erasing={cfg.random_erasing}; expected a probability")
   if cfg.file_format not in ("tfrecord", "array_record"):
@@ -158,6 +169,17 @@ def validate_data_config(cfg) -> None:
   if cfg.randaugment:
     from mobilevis_jax.data.randaugment import parse_randaugment
     parse_randaugment(cfg.randaugment)  # raises ValueError on a bad string
+
+
+def validate_sampler_config(cfg) -> None:
+  """The sampler fields alone (``repeated_aug``, ``multi_scale``; any data source, also the
+  trainer's synthetic one): raises ValueError naming the field."""
+  if int(cfg.repeated_aug) < 1:
+    raise ValueError(f"data.repeated_aug={cfg.repeated_aug}; expected an integer >= 1")
   for r in cfg.multi_scale:
     if int(r) <= 0:
       raise ValueError(f"data.multi_scale={tuple(cfg.multi_scale)}; resolutions must be positive")
+  if int(cfg.repeated_aug) > 1 and cfg.multi_scale:
+    raise ValueError(f"data.repeated_aug={cfg.repeated_aug} with data.multi_scale="
+                     f"{tuple(cfg.multi_scale)}: the two samplers (DeiT's RASampler, cvnets' "
+                     "variable-batch sampler) cannot be combined; set one of them off")

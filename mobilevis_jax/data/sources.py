@@ -7,8 +7,9 @@
 * :func:`host_shards`: the part of a split this host reads. ``tfds.even_splits`` cuts the split
   into ``process_count`` contiguous, disjoint parts whose sizes differ by at most one, so the hosts
   together read every example exactly once.
-* :func:`train_records` (infinite, reshuffled each epoch, resumable) and :func:`eval_records` (one
-  pass, file order): ``tf.data`` datasets of ``(position, serialized_example)``.
+* :class:`TrainShard` (one pass per epoch, reshuffled each epoch), :func:`train_records` (the
+  infinite, resumable stream of its epochs) and :func:`eval_records` (one pass, file order):
+  ``tf.data`` datasets of serialized examples (``train_records``: ``(position, serialized)``).
 
 Train order and exact resumption: epoch ``e`` of this host reads its shard files in an order drawn
 from ``(seed, e)`` (interleaved deterministically) through a shuffle buffer seeded by ``(seed, e)``;
@@ -152,59 +153,82 @@ def _epoch_seed(seed: int, epoch) -> tf.Tensor:
   return tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
 
 
+class TrainShard:
+  """This host's part of a train split, read one pass per epoch in an order drawn from
+  ``(seed, process_index, epoch)``.
+
+  ``epoch(e)`` is a ``tf.data`` dataset of the shard's ``num_examples`` serialized records, each
+  exactly once: ArrayRecord builds and ``cache`` use an exact per-epoch permutation
+  (``index_shuffle``); TFRecord builds read the shard files in a per-epoch order, interleaved,
+  through a shuffle buffer seeded by the epoch. Iterating ``epoch(e)`` twice yields the same order, which
+  the samplers rely on when they wrap around an epoch (padding) or resume inside one.
+  """
+
+  def __init__(self, builder, split: str, *, seed: int, process_index: int, process_count: int,
+               shuffle_buffer: int = 10_000, cache: bool = False):
+    instructions, n = host_shards(builder, split, process_index, process_count)
+    self.num_examples = n
+    # Hosts must shuffle differently: fold the host into the seed.
+    self._host_seed = int(seed) * 1_000_003 + process_index
+    self._fmt = _file_format(builder)
+    if self._fmt not in ("array_record", "tfrecord"):
+      raise ValueError(f"{builder.name}: unsupported file format {self._fmt!r}")
+    self._files, self._skips, self._takes = _instruction_tensors(instructions)
+    self._num_files = len(instructions)
+    self._shuffle_buffer = int(shuffle_buffer)
+    self._reader = _ArrayRecordShards(instructions) if self._fmt == "array_record" else None
+    self._table = None
+    if cache:
+      # Small datasets: keep the raw records of the shard in memory, shuffle indices instead.
+      raw = (list(_read_tfrecord(self._files, self._skips, self._takes, tf.range(self._num_files),
+                                 1).as_numpy_iterator())
+             if self._fmt == "tfrecord" else [self._reader(i) for i in range(n)])
+      self._table = tf.constant(raw)
+
+  def _permuted(self, epoch) -> tf.data.Dataset:
+    seed, last = _epoch_seed(self._host_seed, epoch), tf.constant(self.num_examples - 1, tf.int64)
+    return tf.data.Dataset.range(self.num_examples).map(_plain(
+        lambda i: tf.random.experimental.index_shuffle(i, seed, last)))
+
+  def epoch(self, epoch) -> tf.data.Dataset:
+    """One pass over the shard (serialized records) in epoch ``epoch``'s order."""
+    if self._table is not None:
+      table = self._table
+      return self._permuted(epoch).map(_plain(lambda i: tf.gather(table, i)))
+    if self._fmt == "array_record":
+      # A full per-epoch permutation: random access makes a global shuffle free.
+      reader = self._reader
+      return self._permuted(epoch).map(_plain(lambda i: tf.py_function(reader, [i], tf.string)),
+                                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    order = tf.random.experimental.stateless_shuffle(tf.range(self._num_files),
+                                                     seed=_epoch_seed(self._host_seed, epoch))
+    ds = _read_tfrecord(self._files, self._skips, self._takes, order,
+                        cycle_length=min(16, self._num_files))
+    if self._shuffle_buffer > 1:
+      # reshuffle_each_iteration=False: a second pass over this epoch repeats its order.
+      ds = ds.shuffle(self._shuffle_buffer, seed=tf.random.stateless_uniform(
+          [], _epoch_seed(self._host_seed, epoch), minval=None, maxval=None, dtype=tf.int64),
+          reshuffle_each_iteration=False)
+    return ds
+
+
 def train_records(builder, split: str, *, seed: int, process_index: int, process_count: int,
                   start: int = 0, shuffle_buffer: int = 10_000, cache: bool = False):
   """Infinite ``(position, serialized)`` stream of this host, starting at stream position ``start``.
 
+  Epoch ``e`` is :meth:`TrainShard.epoch` ``(e)``, at positions ``e * n .. (e + 1) * n - 1``.
   Returns ``(dataset, examples_per_epoch)``.
   """
-  instructions, n = host_shards(builder, split, process_index, process_count)
-  # Hosts must shuffle differently: fold the host into the seed.
-  host_seed = int(seed) * 1_000_003 + process_index
+  shard = TrainShard(builder, split, seed=seed, process_index=process_index,
+                     process_count=process_count, shuffle_buffer=shuffle_buffer, cache=cache)
+  n = shard.num_examples
   start_epoch, offset = divmod(int(start), n)
-  fmt = _file_format(builder)
-  files, skips, takes = _instruction_tensors(instructions)
-  num_files = len(instructions)
-
-  if fmt == "array_record":
-    reader = _ArrayRecordShards(instructions)
-
-    def epoch_records(epoch):
-      # A full per-epoch permutation: random access makes a global shuffle free.
-      idx = tf.data.Dataset.range(n).map(_plain(
-          lambda i: tf.random.experimental.index_shuffle(
-              i, _epoch_seed(host_seed, epoch), tf.constant(n - 1, tf.int64))))
-      return idx.map(_plain(lambda i: tf.py_function(reader, [i], tf.string)),
-                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  elif fmt == "tfrecord":
-    def epoch_records(epoch):
-      order = tf.random.experimental.stateless_shuffle(tf.range(num_files),
-                                                       seed=_epoch_seed(host_seed, epoch))
-      ds = _read_tfrecord(files, skips, takes, order, cycle_length=min(16, num_files))
-      if shuffle_buffer > 1:
-        ds = ds.shuffle(shuffle_buffer, seed=tf.random.stateless_uniform(
-            [], _epoch_seed(host_seed, epoch), minval=None, maxval=None, dtype=tf.int64))
-      return ds
-  else:
-    raise ValueError(f"{builder.name}: unsupported file format {fmt!r}")
 
   def epoch_with_positions(epoch):
     first = tf.where(tf.equal(epoch, start_epoch), tf.constant(offset, tf.int64), 0)
-    recs = epoch_records(epoch).skip(first)
+    recs = shard.epoch(epoch).skip(first)
     pos = tf.data.Dataset.range(epoch * n + first, (epoch + 1) * n)
     return tf.data.Dataset.zip(pos, recs)
-
-  if cache:
-    # Small datasets: keep the raw records of the shard in memory, shuffle indices instead.
-    raw = list(_read_tfrecord(files, skips, takes, tf.range(num_files), 1).as_numpy_iterator()) \
-        if fmt == "tfrecord" else [reader(i) for i in range(n)]
-    table = tf.constant(raw)
-
-    def epoch_with_positions(epoch):  # noqa: F811  (the cached variant)
-      first = tf.where(tf.equal(epoch, start_epoch), tf.constant(offset, tf.int64), 0)
-      pos = tf.data.Dataset.range(epoch * n + first, (epoch + 1) * n)
-      return pos.map(_plain(lambda p: (p, tf.gather(table, tf.random.experimental.index_shuffle(
-          p - epoch * n, _epoch_seed(host_seed, epoch), tf.constant(n - 1, tf.int64))))))
 
   epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
   return epochs.flat_map(_plain(epoch_with_positions)), n

@@ -11,7 +11,8 @@ centre crop (torchvision's rounding) -> normalise.
 
 Resizing uses ``tf.image.resize(..., antialias=True)``, which like PIL widens the kernel when
 downsampling; values differ from PIL by a few grey levels (kernel coefficients and rounding), not
-in geometry.
+in geometry. ``antialias=False`` samples without widening, as OpenCV's ``cv2.resize`` (cvnets,
+ParC-Net) does.
 """
 from __future__ import annotations
 
@@ -87,17 +88,18 @@ def random_resized_crop_window(seed, height, width, scale=(0.08, 1.0), ratio=(3 
   return top, left, crop_h, crop_w
 
 
-def resize(image, size, method: str, seed=None):
-  """Float resize to ``size`` (h, w) with antialiasing; ``method`` bilinear/bicubic/random."""
+def resize(image, size, method: str, seed=None, antialias: bool = True):
+  """Float resize to ``size`` (h, w); ``method`` bilinear/bicubic/random."""
   image = tf.cast(image, tf.float32)
   if method == "random":
     pick = uniform(seed) < 0.5
-    return tf.cond(pick, lambda: tf.image.resize(image, size, "bilinear", antialias=True),
-                   lambda: tf.image.resize(image, size, "bicubic", antialias=True))
-  return tf.image.resize(image, size, method, antialias=True)
+    return tf.cond(pick, lambda: tf.image.resize(image, size, "bilinear", antialias=antialias),
+                   lambda: tf.image.resize(image, size, "bicubic", antialias=antialias))
+  return tf.image.resize(image, size, method, antialias=antialias)
 
 
-def decode_random_resized_crop(data, seed, size, *, scale, ratio, interpolation, is_jpeg=True):
+def decode_random_resized_crop(data, seed, size, *, scale, ratio, interpolation, is_jpeg=True,
+                               antialias: bool = True):
   """Decodes only the sampled window (fused for JPEG) and resizes it to ``size`` (float32 0..255)."""
   s_win, s_interp = split_seed(seed, 2)
   if is_jpeg:
@@ -109,7 +111,7 @@ def decode_random_resized_crop(data, seed, size, *, scale, ratio, interpolation,
     hw = tf.shape(img)[:2]
     top, left, h, w = random_resized_crop_window(s_win, hw[0], hw[1], scale, ratio)
     crop = img[top:top + h, left:left + w]
-  out = resize(crop, size, interpolation, s_interp)
+  out = resize(crop, size, interpolation, s_interp, antialias)
   return tf.clip_by_value(out, 0.0, 255.0)
 
 
@@ -117,7 +119,8 @@ def random_flip(image, seed, prob=0.5):
   return tf.cond(uniform(seed) < prob, lambda: tf.reverse(image, [1]), lambda: image)
 
 
-def resize_shorter_center_crop(image, size: int, crop_pct: float, method="bicubic"):
+def resize_shorter_center_crop(image, size: int, crop_pct: float, method="bicubic",
+                               antialias: bool = True):
   """timm eval transform: Resize(floor(size / crop_pct)) on the shorter side, CenterCrop(size)."""
   scale_size = int(math.floor(size / crop_pct))
   hw = tf.shape(image)[:2]
@@ -125,7 +128,8 @@ def resize_shorter_center_crop(image, size: int, crop_pct: float, method="bicubi
   # torchvision: the long side becomes int(scale_size * long / short) (truncation).
   new_h = tf.where(h <= w, scale_size, tf.cast(scale_size * h / w, tf.int32))
   new_w = tf.where(h <= w, tf.cast(scale_size * w / h, tf.int32), scale_size)
-  image = tf.clip_by_value(resize(image, tf.stack([new_h, new_w]), method), 0.0, 255.0)
+  image = tf.clip_by_value(resize(image, tf.stack([new_h, new_w]), method, antialias=antialias),
+                           0.0, 255.0)
   top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
   return image[top:top + size, left:left + size]
