@@ -58,6 +58,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+# The channel-rounding rule cvnets also uses for its per-device batch (one home: layers.conv);
+# importing it pulls in flax only, never a model.
+from mobilevis_jax.layers.conv import make_divisible
 from mobilevis_jax.data import config as config_lib
 from mobilevis_jax.data import sources, transforms
 from mobilevis_jax.data.image_check import CorruptImageError
@@ -223,14 +226,6 @@ def sampler_name(cfg) -> str:
   if cfg.multi_scale:
     return "variable_batch"
   return "repeated_aug" if int(cfg.repeated_aug) > 1 else "stream"
-
-
-def make_divisible(v: float, divisor: int, min_value: int | None = None) -> int:
-  """cvnets ``make_divisible`` (the MobileNet rule): nearest multiple of ``divisor``, at least
-  ``min_value`` (default ``divisor``), bumped up one multiple if rounding lost more than 10%."""
-  min_value = divisor if min_value is None else min_value
-  new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-  return new_v + divisor if new_v < 0.9 * v else new_v
 
 
 def cvnets_scales(crop_size: int = 256, min_size: int = 160, max_size: int = 320,
