@@ -21,7 +21,7 @@ from mobilevis_jax.profiling import count_params
 
 NAMES = ("parc_convnext_xt", "parc_resnet50", "parc_mobilenetv2")
 
-# Official numbers (/work/shared/reference/parc.md §3, re-measured on the official files).
+# Official numbers (../shared/reference/parc.md §3, re-measured on the official files).
 OFFICIAL_PARAMS = {"parc_convnext_xt": 7_412_824, "parc_resnet50": 23_737_640,
                    "parc_mobilenetv2": 3_532_136}
 OFFICIAL_MACS_224 = {"parc_convnext_xt": 1_139_222_400, "parc_resnet50": 3_941_466_112,

@@ -16,7 +16,7 @@ from mobilevis_jax.models.repvit import (BNLinear, FusedRepViT, RepViTBlock, Rep
                                          se_channels)
 from mobilevis_jax.profiling import count_params
 
-# From /work/shared/reference/repvit.md (official code built with torch; fvcore GMACs at 224).
+# From ../shared/reference/repvit.md (official code built with torch; fvcore GMACs at 224).
 # name: (params with one head, with two heads, fused, fused GMACs)
 OFFICIAL = {
     "repvit_m0_6": (2_487_292, 2_808_932, 2_468_072, 0.385),
