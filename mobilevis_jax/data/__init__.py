@@ -31,11 +31,11 @@ except RuntimeError:  # TF already initialised its devices; they were hidden the
 
 from mobilevis_jax.data import digits_builder as _digits_builder  # noqa: E402,F401 (registers)
 from mobilevis_jax.data import imagenet22k_builder as _imagenet22k_builder  # noqa: E402,F401
+from mobilevis_jax.data import pipeline, synthetic  # noqa: E402
 from mobilevis_jax.data.config import default_data_config, validate_data_config  # noqa: E402
 from mobilevis_jax.data.image_check import CorruptImageError  # noqa: E402
 from mobilevis_jax.data.pipeline import dataset_info, eval_iterator, train_iterator  # noqa: E402
 from mobilevis_jax.data.sources import prepare  # noqa: E402
-from mobilevis_jax.data import pipeline, synthetic  # noqa: E402
 
 __all__ = ["CorruptImageError", "dataset_info", "default_data_config", "eval_iterator", "get_source",
            "prepare", "train_iterator", "validate_data_config"]

@@ -11,7 +11,7 @@ A ``flax_path`` is a tuple of module names below the collection root, e.g.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

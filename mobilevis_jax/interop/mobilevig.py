@@ -16,7 +16,15 @@ Every BN contributes ``num_batches_tracked``, so an exported file passes the off
 """
 from __future__ import annotations
 
-from mobilevis_jax.interop.keymap import Entry, bn, conv, conv_bn, dense, param, register_torch_layout
+from mobilevis_jax.interop.keymap import (
+  Entry,
+  bn,
+  conv,
+  conv_bn,
+  dense,
+  param,
+  register_torch_layout,
+)
 
 
 @register_torch_layout("official")

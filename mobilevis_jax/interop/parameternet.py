@@ -14,7 +14,7 @@ block by block), so one function serves every width, table and number of experts
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 from mobilevis_jax.interop import keymap
 from mobilevis_jax.interop.keymap import Entry, register_torch_layout

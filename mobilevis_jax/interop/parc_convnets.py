@@ -15,7 +15,15 @@ ParC-H, with the K axis last for ParC-W.
 """
 from __future__ import annotations
 
-from mobilevis_jax.interop.keymap import Entry, bn, conv, conv_bn, dense, param, register_torch_layout
+from mobilevis_jax.interop.keymap import (
+  Entry,
+  bn,
+  conv,
+  conv_bn,
+  dense,
+  param,
+  register_torch_layout,
+)
 from mobilevis_jax.models import parc_convnets as pcn
 
 
@@ -38,7 +46,7 @@ def _layer_norm(torch_prefix: str, flax_path: tuple[str, ...]) -> list[Entry]:
 # ----------------------------------------------------------------------------------------------
 def _convnext(model: pcn.ParCConvNeXt) -> list[Entry]:
   out: list[Entry] = []
-  for i, depth in enumerate(model.depths):
+  for i in range(len(model.depths)):
     if i == 0:
       out += conv("downsample_layers.0.0", ("stem_conv",), bias=True)
       out += _layer_norm("downsample_layers.0.1", ("stem_norm",))

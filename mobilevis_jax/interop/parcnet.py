@@ -24,8 +24,16 @@ Official quirk: ``edgeformer._make_outer_frame_v1`` stores each stage's downsamp
 """
 from __future__ import annotations
 
-from mobilevis_jax.interop.keymap import (Entry, alias_prefix, bn, conv, conv_bn, dense, param,
-                                          register_torch_layout)
+from mobilevis_jax.interop.keymap import (
+  Entry,
+  alias_prefix,
+  bn,
+  conv,
+  conv_bn,
+  dense,
+  param,
+  register_torch_layout,
+)
 
 # NHWC-broadcastable PE (1, K, 1, d) / (1, 1, K, d) -> torch NCHW (1, d, K, 1) / (1, d, 1, K).
 _PE_TO_NCHW = (0, 3, 1, 2)

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import signal
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -163,14 +164,14 @@ def restore_variables(directory: str) -> tuple[dict, dict]:
   if _is_train_workdir(directory):
     ckpt = TrainCheckpointer(directory, use_async=False)
     steps = ckpt.all_steps()
+    # Target: the saved shapes, replicated over this process's view of all devices, so a
+    # checkpoint written by N processes restores in one (orbax refuses a topology change
+    # without an explicit target).
+    sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), PartitionSpec())
+    as_target = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
     for step in reversed(steps):
       try:
-        # Target: the saved shapes, replicated over this process's view of all devices, so a
-        # checkpoint written by N processes restores in one (orbax refuses a topology change
-        # without an explicit target).
-        tree = ckpt.manager.item_metadata(step)[_STATE]
-        sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), PartitionSpec())
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+        target = jax.tree.map(as_target, ckpt.manager.item_metadata(step)[_STATE])
         restored = ckpt.manager.restore(step, args=ocp.args.Composite(**{
             _STATE: ocp.args.StandardRestore(target), _META: ocp.args.JsonRestore()}))
       except Exception as e:
@@ -197,7 +198,7 @@ def _path_string(path) -> str:
   return jax.tree_util.keystr(tuple(path), simple=True, separator='/')
 
 
-def merge_pretrained(fresh: dict, loaded: dict, exclude=()) -> dict:
+def merge_pretrained(fresh: dict, loaded: dict, exclude: Sequence[str] = ()) -> dict:
   """`fresh` variables with every leaf taken from `loaded`, except paths matching `exclude`.
 
   Any other mismatch (a missing leaf, a leaf of another shape, a leftover loaded leaf) is an error
@@ -205,29 +206,36 @@ def merge_pretrained(fresh: dict, loaded: dict, exclude=()) -> dict:
   """
   pats = [re.compile(p) for p in exclude]
   excluded = lambda path: any(p.search(path) for p in pats)
-  out = {}
+  out, problems = {}, []
   for collection, tree in fresh.items():
-    src = {_path_string(p): v for p, v in jax.tree_util.tree_leaves_with_path(loaded.get(collection, {}))}
-    used = set()
-    problems = []
-
-    def pick(path, leaf):
-      key = _path_string(path)
-      if excluded(key):
-        return leaf
-      if key not in src:
-        problems.append(f'missing {collection}/{key}')
-        return leaf
-      used.add(key)
-      if tuple(np.shape(src[key])) != tuple(np.shape(leaf)):
-        problems.append(f'{collection}/{key}: checkpoint {np.shape(src[key])} vs model {np.shape(leaf)}')
-        return leaf
-      return jnp.asarray(src[key], dtype=leaf.dtype)
-
-    out[collection] = jax.tree_util.tree_map_with_path(pick, tree)
-    leftover = [k for k in src if k not in used and not excluded(k)]
-    problems += [f'unexpected {collection}/{k}' for k in leftover]
-    if problems:
-      raise ValueError('init_from does not match the model (use init_exclude for re-initialised '
-                       'parts): ' + '; '.join(problems[:20]) + (' ...' if len(problems) > 20 else ''))
+    out[collection] = _merge_collection(collection, tree, loaded.get(collection, {}), excluded,
+                                        problems)
+  if problems:
+    raise ValueError('init_from does not match the model (use init_exclude for re-initialised '
+                     'parts): ' + '; '.join(problems[:20]) + (' ...' if len(problems) > 20 else ''))
   return out
+
+
+def _merge_collection(collection: str, tree: Any, loaded: Any, excluded: Callable[[str], bool],
+                      problems: list[str]) -> Any:
+  """One collection of `merge_pretrained`; appends what does not match to `problems`."""
+  src = {_path_string(p): v for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
+  used = set()
+
+  def pick(path, leaf):
+    key = _path_string(path)
+    if excluded(key):
+      return leaf
+    if key not in src:
+      problems.append(f'missing {collection}/{key}')
+      return leaf
+    used.add(key)
+    if tuple(np.shape(src[key])) != tuple(np.shape(leaf)):
+      problems.append(f'{collection}/{key}: checkpoint {np.shape(src[key])} '
+                      f'vs model {np.shape(leaf)}')
+      return leaf
+    return jnp.asarray(src[key], dtype=leaf.dtype)
+
+  merged = jax.tree_util.tree_map_with_path(pick, tree)
+  problems += [f'unexpected {collection}/{k}' for k in src if k not in used and not excluded(k)]
+  return merged

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -38,7 +39,6 @@ from mobilevis_jax.layers import sync_batch_stats
 from mobilevis_jax.train import ema as ema_lib
 from mobilevis_jax.train import losses, mixup
 from mobilevis_jax.train.distributed import DATA_AXIS
-
 
 # ================================================================================================
 # State
@@ -75,7 +75,7 @@ class StepOptions:
   grad_accum_steps: int = 1
 
   @classmethod
-  def from_config(cls, cfg: ml_collections.ConfigDict, num_classes: int) -> 'StepOptions':
+  def from_config(cls, cfg: ml_collections.ConfigDict, num_classes: int) -> StepOptions:
     d = cfg.data
     if cfg.distillation.type not in ('none', 'hard'):
       raise ValueError(f"distillation.type must be 'none' or 'hard', got {cfg.distillation.type!r}")
