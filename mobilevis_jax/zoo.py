@@ -2,14 +2,27 @@
 model reproduces the unfused one."""
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from mobilevis_jax.models.registry import (abstract_variables, can_fuse, create_model, fuse,
-                                           list_models, model_info)
+from mobilevis_jax.models.registry import (
+  abstract_variables,
+  can_fuse,
+  create_model,
+  fuse,
+  list_models,
+  model_info,
+)
 from mobilevis_jax.profiling import profile
+
+
+def _path_key(rng: jax.Array, path) -> jax.Array:
+  # crc32, not hash(): Python salts str hashes per process, which made the table irreproducible.
+  return jax.random.fold_in(rng, zlib.crc32(jax.tree_util.keystr(path).encode()) % (2 ** 31))
 
 
 def randomize_batch_stats(variables, rng: jax.Array):
@@ -20,7 +33,7 @@ def randomize_batch_stats(variables, rng: jax.Array):
   """
   def perturb(path, leaf):
     name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
-    key = jax.random.fold_in(rng, hash(jax.tree_util.keystr(path)) % (2 ** 31))
+    key = _path_key(rng, path)
     if name == "var":
       return jax.random.uniform(key, leaf.shape, leaf.dtype, 0.5, 2.0)
     if name == "mean":
@@ -32,7 +45,7 @@ def randomize_batch_stats(variables, rng: jax.Array):
   def perturb_bn_params(path, leaf):
     keys = [p.key for p in path if hasattr(p, "key")]
     if len(keys) >= 2 and keys[-1] in ("scale", "bias") and _is_bn_path(stats, keys[:-1]):
-      key = jax.random.fold_in(rng, hash(jax.tree_util.keystr(path)) % (2 ** 31))
+      key = _path_key(rng, path)
       lo, hi = (0.5, 1.5) if keys[-1] == "scale" else (-0.2, 0.2)
       return jax.random.uniform(key, leaf.shape, leaf.dtype, lo, hi)
     return leaf

@@ -31,13 +31,25 @@ except RuntimeError:  # TF already initialised its devices; they were hidden the
 
 from mobilevis_jax.data import digits_builder as _digits_builder  # noqa: E402,F401 (registers)
 from mobilevis_jax.data import imagenet22k_builder as _imagenet22k_builder  # noqa: E402,F401
+from mobilevis_jax.data import pipeline, synthetic  # noqa: E402
 from mobilevis_jax.data.config import default_data_config, validate_data_config  # noqa: E402
 from mobilevis_jax.data.image_check import CorruptImageError  # noqa: E402
-from mobilevis_jax.data.mixup import mixup_cutmix, mixup_cutmix_np  # noqa: E402
 from mobilevis_jax.data.pipeline import (  # noqa: E402
     TrainSchedule, dataset_info, eval_iterator, train_iterator, train_schedule)
 from mobilevis_jax.data.sources import prepare  # noqa: E402
 
 __all__ = ["CorruptImageError", "TrainSchedule", "dataset_info", "default_data_config",
-           "eval_iterator", "mixup_cutmix", "mixup_cutmix_np", "prepare", "train_iterator",
-           "train_schedule", "validate_data_config"]
+           "eval_iterator", "get_source", "prepare", "train_iterator", "train_schedule",
+           "validate_data_config"]
+
+
+def get_source(name: str):
+  """The input source serving dataset ``name``: a module with ``train_iterator``,
+  ``eval_iterator`` and ``dataset_info`` (the trainer's one entry point into this package).
+
+  ``'synthetic'`` is :mod:`mobilevis_jax.data.synthetic` (trainer tests and benchmarks, no files);
+  every other name goes to the TFDS pipeline, which validates it against its dataset table.
+  """
+  if name == "synthetic":
+    return synthetic
+  return pipeline

@@ -5,7 +5,8 @@ augmentation recipe and the eval transform. The recipes in ``experiments/configs
 :func:`default_data_config` and override fields; :func:`validate_data_config` is called by the
 pipeline so a typo fails before any data is read.
 
-Recipe values, for reference (see ``/work/shared/reference``):
+Recipe values, for reference (see ``../shared/reference/training.md`` and each family's
+``../shared/reference/<family>.md``):
 
 * RepViT / MobileViG (DeiT recipe): ``randaugment='rand-m9-mstd0.5-inc1'``, bicubic crop,
   ``random_erasing=0.25``, ``repeated_aug=3``, mixup 0.8 / cutmix 1.0, switch 0.5, smoothing 0.1,
@@ -70,7 +71,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     D)`` images, ``b`` the per-device batch at ``image_size`` (``pipeline.variable_batch_table``);
     an epoch is one pass over the data. () = off. Cannot be combined with ``repeated_aug``.
   * ``mixup_alpha`` / ``cutmix_alpha`` / ``mixup_switch_prob`` / ``label_smoothing``: batch-level
-    Mixup/CutMix (timm semantics), applied by the trainer with :mod:`mobilevis_jax.data.mixup`.
+    Mixup/CutMix (timm semantics), applied by the trainer with :mod:`mobilevis_jax.train.mixup`.
   * ``shuffle_buffer``: per-host example shuffle buffer (on top of a per-epoch file-order shuffle).
   * ``skip_corrupt``: False = a truncated/undecodable image raises ``CorruptImageError`` naming the
     file; True = it is skipped, counted and logged (at prepare time it is also recorded in the

@@ -51,7 +51,7 @@ def builder_name(name: str, builder_config: str = "") -> str:
 def get_builder(name: str, *, data_dir: str = "", builder_config: str = "",
                 file_format: str | None = None, skip_corrupt: bool = False):
   """The TFDS builder of one of our dataset names (not prepared by this call)."""
-  import mobilevis_jax.data  # noqa: F401  (registers our builders)
+  from mobilevis_jax.data import digits_builder, imagenet22k_builder  # noqa: F401 (registers them)
   kwargs = {"data_dir": _data_dir(data_dir)}
   if file_format:
     kwargs["file_format"] = file_format

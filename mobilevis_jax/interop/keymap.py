@@ -11,7 +11,7 @@ A ``flax_path`` is a tuple of module names below the collection root, e.g.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -107,11 +107,22 @@ def bn(torch_prefix: str, flax_path: Sequence[str], affine: bool = True) -> list
 
 
 def conv_bn(torch_prefix: str, flax_path: Sequence[str], conv_name: str = "c", bn_name: str = "bn",
-            flax_conv: str = "conv", flax_bn: str = "bn") -> list[Entry]:
-  """A bias-free conv + BN pair (``layers.ConvBN``) stored as two torch submodules."""
+            flax_conv: str = "conv", flax_bn: str = "bn", *, bias: bool = False,
+            conv_entries: Callable[[str, tuple[str, ...]], list[Entry]] | None = None) -> list[Entry]:
+  """A conv + BN pair (``layers.ConvBN``) stored as two torch submodules, conv keys first.
+
+  The torch modules are ``<prefix>.<conv_name>`` and ``<prefix>.<bn_name>``: ``c`` / ``bn`` in
+  RepViT's ``Conv2d_BN``, ``0`` / ``1`` in an ``nn.Sequential``, ``conv`` / ``norm`` in cvnets'
+  ``ConvLayer``. ``bias`` adds the conv bias; ``conv_entries(torch_key_prefix, flax_path)``
+  replaces the plain conv (e.g. ParameterNet's dynamic conv) while keeping the pairing.
+  """
   path = tuple(flax_path)
-  return (conv(_join(torch_prefix, conv_name), path + (flax_conv,))
-          + bn(_join(torch_prefix, bn_name), path + (flax_bn,)))
+  conv_prefix, conv_path = _join(torch_prefix, conv_name), path + (flax_conv,)
+  if conv_entries is None:
+    conv_part = conv(conv_prefix, conv_path, bias=bias)
+  else:
+    conv_part = conv_entries(conv_prefix, conv_path)
+  return conv_part + bn(_join(torch_prefix, bn_name), path + (flax_bn,))
 
 
 def dense(torch_prefix: str, flax_path: Sequence[str], bias: bool = True,

@@ -16,13 +16,15 @@ Every BN contributes ``num_batches_tracked``, so an exported file passes the off
 """
 from __future__ import annotations
 
-from mobilevis_jax.interop.keymap import Entry, bn, conv, dense, param, register_torch_layout
-
-
-def _conv_bn_seq(torch_prefix: str, flax_path: tuple[str, ...]) -> list[Entry]:
-  """``Sequential(Conv2d(bias), BatchNorm2d)`` <-> ``ConvBiasBN`` (submodules conv/bn)."""
-  return (conv(f"{torch_prefix}.0", flax_path + ("conv",), bias=True)
-          + bn(f"{torch_prefix}.1", flax_path + ("bn",)))
+from mobilevis_jax.interop.keymap import (
+  Entry,
+  bn,
+  conv,
+  conv_bn,
+  dense,
+  param,
+  register_torch_layout,
+)
 
 
 @register_torch_layout("official")
@@ -34,7 +36,7 @@ def official_layout(model_name: str, model, variables) -> list[Entry]:
   index = 0
   for stage, depth in enumerate(cfg.local_depths):
     if stage > 0:
-      entries += _conv_bn_seq(f"local_backbone.{index}.conv", (f"local_backbone_{index}", "conv"))
+      entries += conv_bn(f"local_backbone.{index}.conv", (f"local_backbone_{index}", "conv"), "0", "1", bias=True)
       index += 1
     for _ in range(depth):
       t, f = f"local_backbone.{index}", f"local_backbone_{index}"
@@ -47,16 +49,16 @@ def official_layout(model_name: str, model, variables) -> list[Entry]:
       for name in ("mid_norm", "norm1", "norm2"):
         entries += bn(f"{t}.mlp.{name}", (f, name))
       index += 1
-  entries += _conv_bn_seq(f"local_backbone.{index}.conv", (f"local_backbone_{index}", "conv"))
+  entries += conv_bn(f"local_backbone.{index}.conv", (f"local_backbone_{index}", "conv"), "0", "1", bias=True)
 
   for j in range(cfg.global_depth):
     t, f = f"backbone.{j}", f"backbone_{j}"
-    entries += _conv_bn_seq(f"{t}.0.fc1", (f, "grapher", "fc1"))
+    entries += conv_bn(f"{t}.0.fc1", (f, "grapher", "fc1"), "0", "1", bias=True)
     entries += (conv(f"{t}.0.graph_conv.nn.0", (f, "grapher", "graph_conv", "conv"), bias=True)
                 + bn(f"{t}.0.graph_conv.nn.1", (f, "grapher", "graph_conv", "bn")))
-    entries += _conv_bn_seq(f"{t}.0.fc2", (f, "grapher", "fc2"))
-    entries += _conv_bn_seq(f"{t}.1.fc1", (f, "ffn", "fc1"))
-    entries += _conv_bn_seq(f"{t}.1.fc2", (f, "ffn", "fc2"))
+    entries += conv_bn(f"{t}.0.fc2", (f, "grapher", "fc2"), "0", "1", bias=True)
+    entries += conv_bn(f"{t}.1.fc1", (f, "ffn", "fc1"), "0", "1", bias=True)
+    entries += conv_bn(f"{t}.1.fc2", (f, "ffn", "fc2"), "0", "1", bias=True)
 
   if model.features_only:
     return entries

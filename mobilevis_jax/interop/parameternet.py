@@ -13,7 +13,8 @@ block by block), so one function serves every width, table and number of experts
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from collections.abc import Sequence
 
 from mobilevis_jax.interop import keymap
 from mobilevis_jax.interop.keymap import Entry, register_torch_layout
@@ -31,19 +32,13 @@ def _conv_entries(torch_prefix: str, flax_path: Sequence[str], dynamic: bool,
           + keymap.param(f"{torch_prefix}.cond_conv.weight", path + ("experts",)))
 
 
-def _conv_bn_seq(torch_prefix: str, flax_path: tuple[str, ...], dynamic: bool, routing: str,
-                 conv_index: int = 0, bn_index: int = 1) -> list[Entry]:
-  """A ``ConvNormAct`` stored as ``nn.Sequential`` entries ``.<conv_index>`` and ``.<bn_index>``."""
-  return (_conv_entries(f"{torch_prefix}.{conv_index}", flax_path + ("conv",), dynamic, routing)
-          + keymap.bn(f"{torch_prefix}.{bn_index}", flax_path + ("bn",)))
-
-
 def _ghost_module(torch_prefix: str, flax_path: tuple[str, ...], dynamic: bool,
                   routing: str) -> list[Entry]:
-  return (_conv_bn_seq(f"{torch_prefix}.primary_conv", flax_path + ("primary_conv",), dynamic,
-                       routing)
-          + _conv_bn_seq(f"{torch_prefix}.cheap_operation", flax_path + ("cheap_operation",),
-                         dynamic, routing))
+  conv = functools.partial(_conv_entries, dynamic=dynamic, routing=routing)
+  return (keymap.conv_bn(f"{torch_prefix}.primary_conv", flax_path + ("primary_conv",), "0", "1",
+                         conv_entries=conv)
+          + keymap.conv_bn(f"{torch_prefix}.cheap_operation", flax_path + ("cheap_operation",),
+                           "0", "1", conv_entries=conv))
 
 
 def _bottleneck(torch_prefix: str, flax_path: tuple[str, ...], params: dict, dynamic: bool,
@@ -57,10 +52,11 @@ def _bottleneck(torch_prefix: str, flax_path: tuple[str, ...], params: dict, dyn
     out += keymap.conv(f"{torch_prefix}.se.conv_expand", flax_path + ("se", "expand"), bias=True)
   out += _ghost_module(f"{torch_prefix}.ghost2", flax_path + ("ghost2",), dynamic, routing)
   if "shortcut_dw" in params:
-    out += _conv_bn_seq(f"{torch_prefix}.shortcut", flax_path + ("shortcut_dw",), dynamic,
-                        routing, 0, 1)
-    out += _conv_bn_seq(f"{torch_prefix}.shortcut", flax_path + ("shortcut_pw",), dynamic,
-                        routing, 2, 3)
+    conv = functools.partial(_conv_entries, dynamic=dynamic, routing=routing)
+    out += keymap.conv_bn(f"{torch_prefix}.shortcut", flax_path + ("shortcut_dw",), "0", "1",
+                          conv_entries=conv)
+    out += keymap.conv_bn(f"{torch_prefix}.shortcut", flax_path + ("shortcut_pw",), "2", "3",
+                          conv_entries=conv)
   return out
 
 
@@ -83,8 +79,9 @@ def ghostnet_entries(model, variables) -> list[Entry]:
   for i, j in _block_indices(params):
     name = f"blocks_{i}_{j}"
     if i == last_group:  # the final 1x1 ConvBnAct: keys conv / bn1
-      out += _conv_entries(f"blocks.{i}.{j}.conv", (name, "conv"), dynamic, routing)
-      out += keymap.bn(f"blocks.{i}.{j}.bn1", (name, "bn"))
+      out += keymap.conv_bn(f"blocks.{i}.{j}", (name,), "conv", "bn1",
+                            conv_entries=functools.partial(_conv_entries, dynamic=dynamic,
+                                                           routing=routing))
     else:
       out += _bottleneck(f"blocks.{i}.{j}", (name,), params[name], dynamic, routing)
   if "conv_head" in params:

@@ -15,7 +15,15 @@ ParC-H, with the K axis last for ParC-W.
 """
 from __future__ import annotations
 
-from mobilevis_jax.interop.keymap import Entry, bn, conv, dense, param, register_torch_layout
+from mobilevis_jax.interop.keymap import (
+  Entry,
+  bn,
+  conv,
+  conv_bn,
+  dense,
+  param,
+  register_torch_layout,
+)
 from mobilevis_jax.models import parc_convnets as pcn
 
 
@@ -38,7 +46,7 @@ def _layer_norm(torch_prefix: str, flax_path: tuple[str, ...]) -> list[Entry]:
 # ----------------------------------------------------------------------------------------------
 def _convnext(model: pcn.ParCConvNeXt) -> list[Entry]:
   out: list[Entry] = []
-  for i, depth in enumerate(model.depths):
+  for i in range(len(model.depths)):
     if i == 0:
       out += conv("downsample_layers.0.0", ("stem_conv",), bias=True)
       out += _layer_norm("downsample_layers.0.1", ("stem_norm",))
@@ -83,12 +91,8 @@ def _resnet(model: pcn.ParCResNet) -> list[Entry]:
   return out
 
 
-def _conv_bn(torch_conv: str, torch_bn: str, flax_path: tuple[str, ...]) -> list[Entry]:
-  return conv(torch_conv, flax_path + ("conv",)) + bn(torch_bn, flax_path + ("bn",))
-
-
 def _mobilenetv2(model: pcn.ParCMobileNetV2) -> list[Entry]:
-  out = _conv_bn("features.0.0", "features.0.1", ("features_0",))
+  out = conv_bn("features.0", ("features_0",), "0", "1")
   idx = 1
   for st in model.stages:
     for i in range(st.blocks):
@@ -97,19 +101,19 @@ def _mobilenetv2(model: pcn.ParCMobileNetV2) -> list[Entry]:
         # torchvision numbering: conv.{0: [expand], next: dw, then project conv, project BN}
         n = 0
         if st.expansion != 1:
-          out += _conv_bn(f"{t}.conv.0.0", f"{t}.conv.0.1", f + ("expand",))
+          out += conv_bn(f"{t}.conv.0", f + ("expand",), "0", "1")
           n = 1
-        out += _conv_bn(f"{t}.conv.{n}.0", f"{t}.conv.{n}.1", f + ("dw",))
-        out += _conv_bn(f"{t}.conv.{n + 1}", f"{t}.conv.{n + 2}", f + ("project",))
+        out += conv_bn(f"{t}.conv.{n}", f + ("dw",), "0", "1")
+        out += conv_bn(f"{t}.conv", f + ("project",), str(n + 1), str(n + 2))
       else:
-        out += _conv_bn(f"{t}.pw_expand.0", f"{t}.pw_expand.1", f + ("pw_expand",))
+        out += conv_bn(f"{t}.pw_expand", f + ("pw_expand",), "0", "1")
         for axis in "HW":
           out += _parc(f"{t}.gcc_{axis}", f + ("parc", f"gcc_{axis}"), use_pe=(i == st.plain_blocks))
         out += bn(f"{t}.bn", f + ("bn",))
-        out += _conv_bn(f"{t}.pw_linear.0", f"{t}.pw_linear.1", f + ("pw_linear",))
+        out += conv_bn(f"{t}.pw_linear", f + ("pw_linear",), "0", "1")
       idx += 1
   if not model.features_only:
-    out += _conv_bn(f"features.{idx}.0", f"features.{idx}.1", (f"features_{idx}",))
+    out += conv_bn(f"features.{idx}", (f"features_{idx}",), "0", "1")
     out += dense("classifier.1", ("classifier",))
   return out
 

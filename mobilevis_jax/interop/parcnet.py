@@ -24,25 +24,29 @@ Official quirk: ``edgeformer._make_outer_frame_v1`` stores each stage's downsamp
 """
 from __future__ import annotations
 
-from mobilevis_jax.interop.keymap import (Entry, alias_prefix, bn, conv, dense, param,
-                                          register_torch_layout)
+from mobilevis_jax.interop.keymap import (
+  Entry,
+  alias_prefix,
+  bn,
+  conv,
+  conv_bn,
+  dense,
+  param,
+  register_torch_layout,
+)
 
 # NHWC-broadcastable PE (1, K, 1, d) / (1, 1, K, d) -> torch NCHW (1, d, K, 1) / (1, d, 1, K).
 _PE_TO_NCHW = (0, 3, 1, 2)
 # Bare kernel Parameters (not conv modules, so no ``.weight`` suffix): HWIO -> OIHW.
 _HWIO_TO_OIHW = (3, 2, 0, 1)
-
-
-def _conv_layer(prefix: str, path: tuple[str, ...]) -> list[Entry]:
-  """cvnets ``ConvLayer`` with norm: ``<prefix>.block.conv`` + ``<prefix>.block.norm``."""
-  return (conv(f"{prefix}.block.conv", path + ("conv_bn", "conv"))
-          + bn(f"{prefix}.block.norm", path + ("conv_bn", "bn")))
+# cvnets ``ConvLayer`` with norm: ``<prefix>.block.conv`` + ``<prefix>.block.norm`` (torch names).
+_CONV_LAYER = ("conv", "norm")
 
 
 def _inverted_residual(prefix: str, path: tuple[str, ...]) -> list[Entry]:
   out = []
   for part in ("exp_1x1", "conv_3x3", "red_1x1"):
-    out += _conv_layer(f"{prefix}.block.{part}", path + (part,))
+    out += conv_bn(f"{prefix}.block.{part}.block", path + (part, "conv_bn"), *_CONV_LAYER)
   return out
 
 
@@ -70,13 +74,15 @@ def _parc_block(prefix: str, path: tuple[str, ...], use_pe: bool) -> list[Entry]
 
 
 def _outer_frame(prefix: str, path: tuple[str, ...], num_blocks: int) -> list[Entry]:
-  out = _conv_layer(f"{prefix}.dim_adaptive.0", path + ("dim_adaptive_0",))
+  out = conv_bn(f"{prefix}.dim_adaptive.0.block", path + ("dim_adaptive_0", "conv_bn"), *_CONV_LAYER)
   out += conv(f"{prefix}.dim_adaptive.1.block.conv", path + ("dim_adaptive_1",))
   for i in range(num_blocks):
     out += _parc_block(f"{prefix}.spatial_global_rep.{i}", path + (f"block_{i}",), use_pe=i == 0)
   out += bn(f"{prefix}.spatial_global_rep.{num_blocks}", path + ("global_norm",))
-  out += _conv_layer(f"{prefix}.channel_adaptive", path + ("channel_adaptive",))
-  out += _conv_layer(f"{prefix}.local_global_fusion", path + ("local_global_fusion",))
+  out += conv_bn(f"{prefix}.channel_adaptive.block", path + ("channel_adaptive", "conv_bn"),
+                 *_CONV_LAYER)
+  out += conv_bn(f"{prefix}.local_global_fusion.block", path + ("local_global_fusion", "conv_bn"),
+                 *_CONV_LAYER)
   return out
 
 
@@ -85,7 +91,7 @@ def official_layout(model_name: str, model, variables) -> list[Entry]:
   """Entries in the official state_dict order (``residual.*`` sits between layer_2 and layer_3)."""
   del model_name, variables
   cfg = model.config
-  entries = _conv_layer("conv_1", ("conv_1",))
+  entries = conv_bn("conv_1.block", ("conv_1", "conv_bn"), *_CONV_LAYER)
   entries += _inverted_residual("layer_1.0", ("layer_1_0",))
   for j in range(3):
     entries += _inverted_residual(f"layer_2.{j}", (f"layer_2_{j}",))
@@ -96,6 +102,6 @@ def official_layout(model_name: str, model, variables) -> list[Entry]:
   entries += alias_prefix(stages, "layer_5.0.", "residual.")
   entries += stages
   if not model.features_only:
-    entries += _conv_layer("conv_1x1_exp", ("conv_1x1_exp",))
+    entries += conv_bn("conv_1x1_exp.block", ("conv_1x1_exp", "conv_bn"), *_CONV_LAYER)
     entries += dense("classifier.fc", ("classifier",))
   return entries

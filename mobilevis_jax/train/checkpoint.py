@@ -1,7 +1,7 @@
 """Checkpoints with orbax: the training state of a run, and model variables on their own.
 
 Training checkpoints live in `<workdir>/checkpoints/<step>/` (an orbax `CheckpointManager`: async
-saves, keep-N, saves on the preemption signal). Each holds the whole `TrainState` (parameters,
+saves, keep-N; `Preemption` says when to save before a kill). Each holds the whole `TrainState` (parameters,
 BatchNorm statistics, optimiser state, EMA, step, RNG key) plus a JSON `meta` item with the data
 position (the number of global batches consumed, from which the input pipeline restarts) and the
 model name and kwargs. Restoring walks back from the newest step: a step that fails to restore
@@ -18,9 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import signal
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -52,13 +56,6 @@ class TrainCheckpointer:
     return self.manager.save(step, args=ocp.args.Composite(**{
         _STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}), force=force)
 
-  def reached_preemption(self, step: int) -> bool:
-    try:
-      return bool(self.manager.reached_preemption(step))
-    except Exception:  # pylint: disable=broad-except
-      # Without a distributed runtime (single process, CPU) there is no preemption service.
-      return False
-
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
@@ -81,7 +78,7 @@ class TrainCheckpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**{
             _STATE: ocp.args.StandardRestore(abstract_state), _META: ocp.args.JsonRestore()}))
         return restored[_STATE], dict(restored[_META]), step
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         older = steps[len(steps) - i - 2] if len(steps) - i - 2 >= 0 else None
         msg = (f'checkpoint at step {step} in {self.directory} could not be restored '
                f'({type(e).__name__}: {str(e)[:300]}); ')
@@ -89,6 +86,44 @@ class TrainCheckpointer:
         log.warning(msg)
         print('WARNING: ' + msg, flush=True)
     return None
+
+
+class Preemption:
+  """Whether to save and stop now: SIGTERM was received, or orbax saw the preemption signal.
+
+  Schedulers send SIGTERM before a kill; orbax's `reached_preemption` covers the multi-host case
+  (all processes agree on the step, through the distributed runtime). Used as a context manager
+  around the loop, it installs the SIGTERM handler and restores the previous one on exit.
+  """
+
+  def __init__(self, checkpointer: TrainCheckpointer):
+    self._checkpointer = checkpointer
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self) -> Preemption:
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread (e.g. a notebook worker): rely on orbax only
+      self._previous = None
+    return self
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def reached(self, step: int) -> bool:
+    if self.requested:
+      return True
+    try:
+      return bool(self._checkpointer.manager.reached_preemption(step))
+    except Exception:
+      # Without a distributed runtime (single process, CPU) there is no preemption service.
+      return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,17 +164,17 @@ def restore_variables(directory: str) -> tuple[dict, dict]:
   if _is_train_workdir(directory):
     ckpt = TrainCheckpointer(directory, use_async=False)
     steps = ckpt.all_steps()
+    # Target: the saved shapes, replicated over this process's view of all devices, so a
+    # checkpoint written by N processes restores in one (orbax refuses a topology change
+    # without an explicit target).
+    sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), PartitionSpec())
+    as_target = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding)
     for step in reversed(steps):
       try:
-        # Target: the saved shapes, replicated over this process's view of all devices, so a
-        # checkpoint written by N processes restores in one (orbax refuses a topology change
-        # without an explicit target).
-        tree = ckpt.manager.item_metadata(step)[_STATE]
-        sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ('data',)), PartitionSpec())
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+        target = jax.tree.map(as_target, ckpt.manager.item_metadata(step)[_STATE])
         restored = ckpt.manager.restore(step, args=ocp.args.Composite(**{
             _STATE: ocp.args.StandardRestore(target), _META: ocp.args.JsonRestore()}))
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         log.warning('checkpoint at step %d unreadable (%s); trying an older one', step, e)
         print(f'WARNING: checkpoint at step {step} unreadable ({type(e).__name__}); trying an older one')
         continue
@@ -152,3 +187,55 @@ def restore_variables(directory: str) -> tuple[dict, dict]:
     raise FileNotFoundError(f'no readable training checkpoint under {checkpoint_dir(directory)}')
   raise FileNotFoundError(f'{directory} holds neither a variables checkpoint ({_VARIABLES}/) nor a '
                           'training work directory (checkpoints/)')
+
+
+# ------------------------------------------------------------------------------------------------
+# Initialising a model from a variables checkpoint (init_from)
+# ------------------------------------------------------------------------------------------------
+
+def _path_string(path) -> str:
+  """'/'-joined names of a tree path, e.g. 'features_1/token_mixer/conv/kernel'."""
+  return jax.tree_util.keystr(tuple(path), simple=True, separator='/')
+
+
+def merge_pretrained(fresh: dict, loaded: dict, exclude: Sequence[str] = ()) -> dict:
+  """`fresh` variables with every leaf taken from `loaded`, except paths matching `exclude`.
+
+  Any other mismatch (a missing leaf, a leaf of another shape, a leftover loaded leaf) is an error
+  naming the paths: a silently partial initialisation is the worst kind of bug in a fine-tune.
+  """
+  pats = [re.compile(p) for p in exclude]
+  excluded = lambda path: any(p.search(path) for p in pats)
+  out, problems = {}, []
+  for collection, tree in fresh.items():
+    out[collection] = _merge_collection(collection, tree, loaded.get(collection, {}), excluded,
+                                        problems)
+  if problems:
+    raise ValueError('init_from does not match the model (use init_exclude for re-initialised '
+                     'parts): ' + '; '.join(problems[:20]) + (' ...' if len(problems) > 20 else ''))
+  return out
+
+
+def _merge_collection(collection: str, tree: Any, loaded: Any, excluded: Callable[[str], bool],
+                      problems: list[str]) -> Any:
+  """One collection of `merge_pretrained`; appends what does not match to `problems`."""
+  src = {_path_string(p): v for p, v in jax.tree_util.tree_leaves_with_path(loaded)}
+  used = set()
+
+  def pick(path, leaf):
+    key = _path_string(path)
+    if excluded(key):
+      return leaf
+    if key not in src:
+      problems.append(f'missing {collection}/{key}')
+      return leaf
+    used.add(key)
+    if tuple(np.shape(src[key])) != tuple(np.shape(leaf)):
+      problems.append(f'{collection}/{key}: checkpoint {np.shape(src[key])} '
+                      f'vs model {np.shape(leaf)}')
+      return leaf
+    return jnp.asarray(src[key], dtype=leaf.dtype)
+
+  merged = jax.tree_util.tree_map_with_path(pick, tree)
+  problems += [f'unexpected {collection}/{k}' for k in src if k not in used and not excluded(k)]
+  return merged

@@ -16,12 +16,16 @@ from typing import Any, Sequence
 
 import ml_collections
 
+# The recipe used when no --config is given (the embedded digits dataset).
+DEFAULT_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'default_config.py')
+
 
 def _data_config() -> ml_collections.ConfigDict:
   # The data section belongs to the data pipeline (mobilevis_jax.data.config); the trainer only
-  # embeds it. The 'synthetic' source (mobilevis_jax.train.synthetic) reads `image_size`,
+  # embeds it. The 'synthetic' source (mobilevis_jax.data.synthetic) reads `image_size`,
   # `synthetic_num_classes` and `synthetic_num_train/eval` from the same section.
-  from mobilevis_jax.data.config import default_data_config  # pylint: disable=import-outside-toplevel
+  # Imported here: importing mobilevis_jax.data loads TensorFlow, which `import train.config` need not.
+  from mobilevis_jax.data.config import default_data_config
   cfg = default_data_config()
   with cfg.unlocked():
     cfg.synthetic_num_classes = 10
@@ -200,9 +204,7 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
 
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """The config of `path` (the default recipe when None) with `overrides` applied."""
-  if path is None:
-    from mobilevis_jax.train import default_config  # pylint: disable=import-outside-toplevel
-    cfg = default_config.get_config()
-  else:
-    cfg = load_config_file(path)
+  # The default recipe is a recipe file like any other, loaded (not imported): a recipe imports
+  # this module for base_config(), so this module must not import a recipe (no cycle).
+  cfg = load_config_file(DEFAULT_CONFIG_FILE if path is None else path)
   return apply_overrides(cfg, overrides)

@@ -7,11 +7,15 @@ import jax
 import jax.numpy as jnp
 
 
-def smoothed_one_hot(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
-  """timm's label smoothing: off-class value smoothing/K, true class 1 - smoothing + smoothing/K."""
+def smoothed_one_hot(labels, num_classes: int, smoothing: float, xp=jnp):
+  """timm's label smoothing: off-class value smoothing/K, true class 1 - smoothing + smoothing/K.
+
+  ``xp`` is ``jax.numpy`` (inside the step) or ``numpy`` (host-side mixup); float32 either way.
+  """
   off = smoothing / num_classes
   on = 1.0 - smoothing + off
-  return jax.nn.one_hot(labels, num_classes) * (on - off) + off
+  one_hot = labels[:, None] == xp.arange(num_classes)[None, :]
+  return xp.where(one_hot, on, off).astype(xp.float32)
 
 
 def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

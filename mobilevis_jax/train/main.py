@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -45,27 +46,36 @@ def _parse(argv, prog: str, checkpoint: bool):
     parser.add_argument('--workdir', required=True, help='checkpoints, metrics.jsonl and TensorBoard events')
   rest, overrides = _split_overrides(list(argv))
   args = parser.parse_args(rest)
-  from mobilevis_jax.train.config import load_config  # pylint: disable=import-outside-toplevel
+  from mobilevis_jax.train.config import load_config  # here: `mobilevis --help` stays fast
   cfg = load_config(args.config, overrides)
   return args, cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-  """`mobilevis train`; returns 0 on success, 2 on a config error, 3 on a non-finite loss."""
+def _run(argv: list[str] | None, command: str, work: Callable[..., dict]) -> int:
+  """The skeleton of both commands: flags -> config -> distributed init -> work -> summary.
+
+  Exit codes: 0 success, 2 a config or checkpoint error, 3 a non-finite loss (train only).
+  """
+  prog = f'mobilevis {command}'
   argv = sys.argv[1:] if argv is None else argv
   try:
-    args, cfg = _parse(argv, 'mobilevis train', checkpoint=False)
+    args, cfg = _parse(argv, prog, checkpoint=command == 'eval')
   except (ValueError, FileNotFoundError) as e:
-    print(f'mobilevis train: error: {e}', file=sys.stderr)
+    print(f'{prog}: error: {e}', file=sys.stderr)
     return 2
-  from mobilevis_jax.train import distributed, train  # pylint: disable=import-outside-toplevel
+  # Here, not at the top: these load JAX (and the trainer); flag errors are reported without it.
+  import jax
+
+  from mobilevis_jax.train import distributed, train
   distributed.initialize_distributed(cfg.distributed)
   try:
-    result = train.train_and_evaluate(cfg, args.workdir)
+    result = work(train, cfg, args)
   except train.NonFiniteLossError as e:
-    print(f'mobilevis train: stopped: {e}', file=sys.stderr)
+    print(f'{prog}: stopped: {e}', file=sys.stderr)
     return 3
-  import jax  # pylint: disable=import-outside-toplevel
+  except FileNotFoundError as e:
+    print(f'{prog}: error: {e}', file=sys.stderr)
+    return 2
   if jax.process_index() == 0:
     if 'eval/top1' in result:
       print(f"test accuracy (top-1): {100 * result['eval/top1']:.2f}% on {int(result['eval/count'])} images")
@@ -73,26 +83,14 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+  """`mobilevis train`; returns 0 on success, 2 on a config error, 3 on a non-finite loss."""
+  return _run(argv, 'train', lambda train, cfg, args: train.train_and_evaluate(cfg, args.workdir))
+
+
 def eval_main(argv: list[str] | None = None) -> int:
   """`mobilevis eval`: top-1/top-5 of a checkpoint on the config's eval split (and fused, if set)."""
-  argv = sys.argv[1:] if argv is None else argv
-  try:
-    args, cfg = _parse(argv, 'mobilevis eval', checkpoint=True)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'mobilevis eval: error: {e}', file=sys.stderr)
-    return 2
-  from mobilevis_jax.train import distributed, train  # pylint: disable=import-outside-toplevel
-  distributed.initialize_distributed(cfg.distributed)
-  try:
-    result = train.evaluate_checkpoint(cfg, args.checkpoint)
-  except FileNotFoundError as e:
-    print(f'mobilevis eval: error: {e}', file=sys.stderr)
-    return 2
-  import jax  # pylint: disable=import-outside-toplevel
-  if jax.process_index() == 0:
-    print(f"test accuracy (top-1): {100 * result['eval/top1']:.2f}% on {int(result['eval/count'])} images")
-    print(json.dumps(result))
-  return 0
+  return _run(argv, 'eval', lambda train, cfg, args: train.evaluate_checkpoint(cfg, args.checkpoint))
 
 
 if __name__ == '__main__':

@@ -1,246 +1,42 @@
-"""The training loop as pure, separately testable functions (flax-examples layout; flags live in main.py).
+"""The training loop (flax-examples layout): the jitted steps live in step.py, flags in main.py.
 
-Parallelism. The step is written pmap-style: `per_device_train_step` sees one device's slice of
-the batch, averages gradients and metrics with `lax.pmean` over the axis `data`, and applies the
-same update everywhere. It is run with `jax.shard_map` over a 1-D mesh of all devices of all
-processes (what `jax.pmap` itself lowers to in current JAX), with the state replicated, the batch a
-global array sharded along `data`, and the state buffers donated. `check_vma=False` keeps pmap's
-semantics: gradients are per-device until the explicit pmean (with the varying-manual-axes check
-on, JAX would insert the psum itself when differentiating replicated parameters).
+`train_and_evaluate` builds the model, optimiser, state and data source, restores the newest
+readable checkpoint, runs the step over the global batches, evaluates (raw / EMA / fused weights,
+one helper) and checkpoints; `evaluate_checkpoint` is the evaluation alone. The data source comes
+from `mobilevis_jax.data.get_source`, weight merging from `checkpoint.merge_pretrained`, and
+preemption (SIGTERM or orbax's signal) is one object, `checkpoint.Preemption`.
 
-BatchNorm statistics are per device by default (PyTorch DDP without SyncBN): each device
-normalises with its own batch moments; the running statistics are averaged over devices after the
-step so the replicated state stays identical everywhere. With `sync_batchnorm` the moments are
-averaged inside every BatchNorm (`layers.sync_batch_stats`), which makes the step independent of
-the number of devices.
-
-Sections: state; per-device step; evaluation; initialisation helpers; the loop.
+Sections: evaluation; initialisation helpers; the loop.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import logging
 import math
-import re
-import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from jax import lax
-from jax.sharding import PartitionSpec as P
 
-from mobilevis_jax.layers import sync_batch_stats
+import mobilevis_jax
 from mobilevis_jax.train import checkpoint as ckpt_lib
-from mobilevis_jax.train import distributed
-from mobilevis_jax.train import ema as ema_lib
-from mobilevis_jax.train import losses
-from mobilevis_jax.train import metrics_log
-from mobilevis_jax.train import optim
-from mobilevis_jax.train.distributed import DATA_AXIS
+from mobilevis_jax.train import distributed, metrics_log, optim
+# Re-exported: the step's names are part of this module's API (tests, benchmarks, notebooks).
+from mobilevis_jax.train.checkpoint import merge_pretrained  # noqa: F401
+from mobilevis_jax.train.step import (StepOptions, TrainState, make_eval_step,  # noqa: F401
+                                      make_targets, make_train_step, per_device_eval_step,
+                                      per_device_train_step)
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
   """Raised when a step produced a NaN/Inf loss; the message is the diagnostic."""
-
-
-# ================================================================================================
-# State
-# ================================================================================================
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything that changes during training; replicated on every device."""
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  ema_params: Any        # {} when EMA is off
-  ema_batch_stats: Any   # {} when EMA is off
-  rng: jax.Array         # base key; step t uses fold_in(rng, t), so it never needs advancing
-
-  def as_dict(self) -> dict:
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-@dataclasses.dataclass(frozen=True)
-class StepOptions:
-  """The static (compile-time) settings of one training step."""
-  num_classes: int
-  label_smoothing: float = 0.0
-  mixup_alpha: float = 0.0
-  cutmix_alpha: float = 0.0
-  mixup_switch_prob: float = 0.5
-  distillation: str = 'none'
-  distillation_alpha: float = 0.5
-  ema_decay: float = 0.0
-  sync_batchnorm: bool = False
-  half_precision: bool = False
-  grad_accum_steps: int = 1
-
-  @classmethod
-  def from_config(cls, cfg: ml_collections.ConfigDict, num_classes: int) -> 'StepOptions':
-    d = cfg.data
-    if cfg.distillation.type not in ('none', 'hard'):
-      raise ValueError(f"distillation.type must be 'none' or 'hard', got {cfg.distillation.type!r}")
-    return cls(num_classes=num_classes, label_smoothing=float(d.get('label_smoothing', 0.0)),
-               mixup_alpha=float(d.get('mixup_alpha', 0.0)), cutmix_alpha=float(d.get('cutmix_alpha', 0.0)),
-               mixup_switch_prob=float(d.get('mixup_switch_prob', 0.5)),
-               distillation=cfg.distillation.type, distillation_alpha=float(cfg.distillation.alpha),
-               ema_decay=float(cfg.ema_decay), sync_batchnorm=bool(cfg.sync_batchnorm),
-               half_precision=bool(cfg.half_precision), grad_accum_steps=int(cfg.grad_accum_steps))
-
-
-def _cast_floats(tree: Any, dtype) -> Any:
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-# ================================================================================================
-# Per-device training step
-# ================================================================================================
-
-def make_targets(rng: jax.Array, images: jax.Array, labels: jax.Array, opts: StepOptions):
-  """(possibly mixed images, soft targets): mixup/cutmix when configured, else smoothed one-hot."""
-  if opts.mixup_alpha > 0 or opts.cutmix_alpha > 0:
-    from mobilevis_jax.data.mixup import mixup_cutmix  # pylint: disable=import-outside-toplevel
-    return mixup_cutmix(rng, images, labels, num_classes=opts.num_classes, mixup_alpha=opts.mixup_alpha,
-                        cutmix_alpha=opts.cutmix_alpha, switch_prob=opts.mixup_switch_prob,
-                        label_smoothing=opts.label_smoothing)
-  return images, losses.smoothed_one_hot(labels, opts.num_classes, opts.label_smoothing)
-
-
-def _micro_batch_grads(params, batch_stats, images, labels, rng, teacher_variables, *, model,
-                       teacher_model, opts: StepOptions):
-  """Loss, gradients, new BN statistics and #correct of one micro-batch on one device."""
-  mix_rng, dropout_rng = jax.random.split(rng)
-  images, targets = make_targets(mix_rng, images, labels, opts)
-  compute_dtype = jnp.bfloat16 if opts.half_precision else jnp.float32
-  teacher_logits = None
-  if opts.distillation == 'hard':
-    # Inference mode: running statistics, no dropout, no gradient.
-    teacher_logits = lax.stop_gradient(teacher_model.apply(
-        _cast_floats(teacher_variables, compute_dtype), images.astype(compute_dtype), train=False))
-
-  def loss_fn(p):
-    variables = {'params': _cast_floats(p, compute_dtype), 'batch_stats': batch_stats}
-    ctx = sync_batch_stats(DATA_AXIS) if opts.sync_batchnorm else contextlib.nullcontext()
-    with ctx:
-      out, mutated = model.apply(variables, images.astype(compute_dtype), train=True,
-                                 mutable=['batch_stats'], rngs={'dropout': dropout_rng})
-    if isinstance(out, (tuple, list)):
-      logits, dist_logits = out
-    else:
-      logits, dist_logits = out, None
-    logits = logits.astype(jnp.float32)
-    if opts.distillation == 'hard':
-      if dist_logits is None:
-        raise ValueError('hard distillation needs a model with a distillation head '
-                         '(model_kwargs.distillation=True)')
-      loss = losses.hard_distillation_loss(logits, dist_logits.astype(jnp.float32), targets,
-                                           teacher_logits, opts.distillation_alpha)
-    else:
-      # As DeiT's DistillationLoss with type 'none': only the class head is trained.
-      loss = losses.soft_target_cross_entropy(logits, targets)
-    new_stats = _cast_floats(mutated.get('batch_stats', {}), jnp.float32)
-    return loss, (new_stats, logits)
-
-  (loss, (new_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  correct = jnp.sum((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-  return loss, grads, new_stats, correct
-
-
-def per_device_train_step(state: TrainState, batch: dict, teacher_variables: Any, *, model: nn.Module,
-                          tx: optax.GradientTransformation, schedule: Callable, opts: StepOptions,
-                          teacher_model: nn.Module | None = None):
-  """One optimiser step as seen by one device (call inside shard_map / pmap over `data`)."""
-  images, labels = batch['image'], batch['label']
-  device_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(DATA_AXIS))
-  k = opts.grad_accum_steps
-  grad_fn = functools.partial(_micro_batch_grads, teacher_variables=teacher_variables, model=model,
-                              teacher_model=teacher_model, opts=opts)
-  if k == 1:
-    loss, grads, batch_stats, correct = grad_fn(state.params, state.batch_stats, images, labels, device_rng)
-  else:
-    if images.shape[0] % k:
-      raise ValueError(f'per-device batch {images.shape[0]} is not divisible by grad_accum_steps={k}')
-    split = lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:])
-
-    def body(carry, xs):
-      grad_sum, stats, loss_sum, correct_sum = carry
-      imgs, labs, i = xs
-      loss_i, grads_i, stats, correct_i = grad_fn(state.params, stats, imgs, labs,
-                                                  jax.random.fold_in(device_rng, i))
-      grad_sum = jax.tree.map(jnp.add, grad_sum, grads_i)
-      return (grad_sum, stats, loss_sum + loss_i, correct_sum + correct_i), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grad_sum, batch_stats, loss_sum, correct), _ = lax.scan(
-        body, (zeros, state.batch_stats, 0.0, 0.0), (split(images), split(labels), jnp.arange(k)))
-    grads = jax.tree.map(lambda g: g / k, grad_sum)
-    loss = loss_sum / k
-
-  # pmap-style all-reduce: every device ends with the same gradient, hence the same update.
-  grads = lax.pmean(grads, DATA_AXIS)
-  if not opts.sync_batchnorm:
-    batch_stats = lax.pmean(batch_stats, DATA_AXIS)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
-  if opts.ema_decay > 0:
-    ema_params = ema_lib.ema_update(ema_params, params, opts.ema_decay)
-    ema_batch_stats = ema_lib.ema_update(ema_batch_stats, batch_stats, opts.ema_decay)
-  metrics = {
-      'loss': lax.pmean(loss, DATA_AXIS),
-      'train_accuracy': lax.psum(correct, DATA_AXIS) / lax.psum(images.shape[0], DATA_AXIS),
-      'grad_norm': optax.tree.norm(grads),
-      'lr': schedule(state.step),
-  }
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, ema_params=ema_params, ema_batch_stats=ema_batch_stats)
-  return new_state, metrics
-
-
-def make_train_step(mesh, *, model, tx, schedule, opts: StepOptions, teacher_model=None):
-  """The jitted data-parallel step: (state, global batch, teacher variables) -> (state, metrics)."""
-  fn = functools.partial(per_device_train_step, model=model, tx=tx, schedule=schedule, opts=opts,
-                         teacher_model=teacher_model)
-  mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=(P(), P()),
-                         check_vma=False)
-  return jax.jit(mapped, donate_argnums=(0,))
-
-
-# ================================================================================================
-# Evaluation
-# ================================================================================================
-
-def per_device_eval_step(variables, batch, *, model, half_precision: bool = False):
-  """Masked sums (loss, top-1, top-5, count) over one device's slice, summed over devices."""
-  dtype = jnp.bfloat16 if half_precision else jnp.float32
-  logits = model.apply(_cast_floats(variables, dtype), batch['image'].astype(dtype), train=False)
-  logits = logits.astype(jnp.float32)
-  mask, labels = batch['mask'], batch['label']
-  logp = jax.nn.log_softmax(logits, -1)
-  nll = -jnp.take_along_axis(logp, labels[:, None], -1)[:, 0]
-  sums = {'loss': jnp.sum(nll * mask), 'top1': losses.masked_topk_correct(logits, labels, mask, 1),
-          'top5': losses.masked_topk_correct(logits, labels, mask, 5), 'count': jnp.sum(mask)}
-  return lax.psum(sums, DATA_AXIS)
-
-
-def make_eval_step(mesh, *, model, half_precision: bool = False):
-  fn = functools.partial(per_device_eval_step, model=model, half_precision=half_precision)
-  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(),
-                               check_vma=False))
 
 
 def evaluate(eval_step, variables, batches: Iterator[dict], mesh) -> dict[str, float]:
@@ -260,55 +56,6 @@ def evaluate(eval_step, variables, batches: Iterator[dict], mesh) -> dict[str, f
 # ================================================================================================
 # Initialisation helpers
 # ================================================================================================
-
-def data_source(data_cfg):
-  """The module providing train_iterator / eval_iterator / dataset_info for `data_cfg.name`."""
-  if data_cfg.name == 'synthetic':
-    from mobilevis_jax.train import synthetic  # pylint: disable=import-outside-toplevel
-    return synthetic
-  from mobilevis_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  return pipeline
-
-
-def _flat(tree) -> dict[str, Any]:
-  return {optim.path_string(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def merge_pretrained(fresh: dict, loaded: dict, exclude=()) -> dict:
-  """`fresh` variables with every leaf taken from `loaded`, except paths matching `exclude`.
-
-  Any other mismatch (a missing leaf, a leaf of another shape, a leftover loaded leaf) is an error
-  naming the paths: a silently partial initialisation is the worst kind of bug in a fine-tune.
-  """
-  pats = [re.compile(p) for p in exclude]
-  excluded = lambda path: any(p.search(path) for p in pats)
-  out = {}
-  for collection, tree in fresh.items():
-    src = _flat(loaded.get(collection, {}))
-    used = set()
-    problems = []
-
-    def pick(path, leaf):
-      key = optim.path_string(path)
-      if excluded(key):
-        return leaf
-      if key not in src:
-        problems.append(f'missing {collection}/{key}')
-        return leaf
-      used.add(key)
-      if tuple(np.shape(src[key])) != tuple(np.shape(leaf)):
-        problems.append(f'{collection}/{key}: checkpoint {np.shape(src[key])} vs model {np.shape(leaf)}')
-        return leaf
-      return jnp.asarray(src[key], dtype=leaf.dtype)
-
-    out[collection] = jax.tree_util.tree_map_with_path(pick, tree)
-    leftover = [k for k in src if k not in used and not excluded(k)]
-    problems += [f'unexpected {collection}/{k}' for k in leftover]
-    if problems:
-      raise ValueError('init_from does not match the model (use init_exclude for re-initialised '
-                       'parts): ' + '; '.join(problems[:20]) + (' ...' if len(problems) > 20 else ''))
-  return out
-
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int) -> dict:
   variables = model.init({'params': rng, 'dropout': rng}, jnp.zeros((1, image_size, image_size, 3)),
@@ -337,28 +84,6 @@ def _abstract(tree, sharding):
 # The loop
 # ================================================================================================
 
-class _Preemption:
-  """SIGTERM (what schedulers send before a kill) -> save at the next step boundary and exit."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-    except ValueError:  # not the main thread (e.g. a notebook worker): rely on orbax only
-      self._previous = None
-    return self
-
-  def _handler(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def _check_finite(step: int, metrics: dict, last_good: int | None, ckpt_dir: str) -> None:
   """Stops on a non-finite loss, or a non-finite gradient norm (which would poison the parameters
   even when the loss still looks finite, e.g. a NaN input zeroed by a ReLU in the forward pass)."""
@@ -381,27 +106,38 @@ def _variables(params, batch_stats):
   return out
 
 
-def run_evaluations(cfg, *, mesh, model, state: TrainState, eval_step, source, eval_cache: dict) -> dict[str, float]:
-  """Raw weights, EMA weights (if any) and, for families with `fuse`, the fused raw weights."""
-  def batches():
-    return source.eval_iterator(cfg.data, global_batch_size=cfg.eval_batch_size)
+def evaluate_all(cfg: ml_collections.ConfigDict, *, mesh, model: nn.Module, source, variables: dict,
+                 ema_variables: dict | None = None, eval_steps: dict | None = None) -> dict[str, float]:
+  """The one evaluation of raw, EMA and fused weights on cfg's eval split.
 
-  results = {}
-  for k, v in evaluate(eval_step, _variables(state.params, state.batch_stats), batches(), mesh).items():
-    results[f'eval/{k}'] = v
-  if cfg.ema_decay > 0 and cfg.eval_ema:
-    for k, v in evaluate(eval_step, _variables(state.ema_params, state.ema_batch_stats), batches(), mesh).items():
-      results[f'eval_ema/{k}'] = v
+  'eval/*' for `variables`, 'eval_ema/*' for `ema_variables` when given, 'eval_fused/*' for
+  `mobilevis_jax.fuse(model, variables)` when `cfg.eval_fused`. `eval_steps` caches the compiled
+  steps across calls under 'model' and 'fused' (the fused model has other shapes).
+  """
+  eval_steps = {} if eval_steps is None else eval_steps
+  runs = [('eval', 'model', model, variables)]
+  if ema_variables is not None:
+    runs.append(('eval_ema', 'model', model, ema_variables))
   if cfg.eval_fused:
-    import mobilevis_jax  # pylint: disable=import-outside-toplevel
-    host_vars = distributed.to_host(_variables(state.params, state.batch_stats))
-    fused_model, fused_vars = mobilevis_jax.fuse(model, host_vars)
-    if 'fused' not in eval_cache:
-      eval_cache['fused'] = make_eval_step(mesh, model=fused_model, half_precision=cfg.half_precision)
-    fused_vars = distributed.replicate(fused_vars, mesh)
-    for k, v in evaluate(eval_cache['fused'], fused_vars, batches(), mesh).items():
-      results[f'eval_fused/{k}'] = v
+    fused_model, fused_vars = mobilevis_jax.fuse(model, distributed.to_host(variables))
+    runs.append(('eval_fused', 'fused', fused_model, distributed.replicate(fused_vars, mesh)))
+  results = {}
+  for prefix, step_key, m, v in runs:
+    if step_key not in eval_steps:
+      eval_steps[step_key] = make_eval_step(mesh, model=m, half_precision=cfg.half_precision)
+    batches = source.eval_iterator(cfg.data, global_batch_size=cfg.eval_batch_size)
+    results.update({f'{prefix}/{k}': x for k, x in evaluate(eval_steps[step_key], v, batches, mesh).items()})
   return results
+
+
+def run_evaluations(cfg, *, mesh, model, state: TrainState, eval_step, source, eval_cache: dict) -> dict[str, float]:
+  """`evaluate_all` of the training state: raw weights, EMA weights (if kept and cfg.eval_ema)."""
+  eval_cache.setdefault('model', eval_step)
+  ema = (_variables(state.ema_params, state.ema_batch_stats) if cfg.ema_decay > 0 and cfg.eval_ema
+         else None)
+  return evaluate_all(cfg, mesh=mesh, model=model, source=source,
+                      variables=_variables(state.params, state.batch_stats), ema_variables=ema,
+                      eval_steps=eval_cache)
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, float]:
@@ -410,7 +146,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
   Returns the final metrics (the last eval plus 'step'). Raises NonFiniteLossError on a NaN/Inf
   loss, after making sure the checkpoints already written are complete.
   """
-  import mobilevis_jax  # pylint: disable=import-outside-toplevel  (registry; avoids an import cycle)
+  from mobilevis_jax import data  # here, not at the top: TensorFlow loads only when a run starts
 
   mesh = distributed.make_data_mesh(devices)
   n_devices = mesh.devices.size
@@ -422,7 +158,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
   is_main = jax.process_index() == 0
 
   # --- input ---
-  source = data_source(cfg.data)
+  source = data.get_source(cfg.data.name)
   info = source.dataset_info(cfg.data)
   num_classes = cfg.num_classes if cfg.num_classes > 0 else int(info['num_classes'])
   if cfg.data.train_split not in info['splits']:
@@ -442,7 +178,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
     loaded, meta = ckpt_lib.restore_variables(cfg.init_from)
     if meta.get('model_name') not in (None, cfg.model):
       log.warning('init_from holds %s, training %s', meta.get('model_name'), cfg.model)
-    variables = merge_pretrained(variables, loaded, tuple(cfg.init_exclude))
+    variables = ckpt_lib.merge_pretrained(variables, loaded, tuple(cfg.init_exclude))
   schedule = optim.learning_rate_schedule(cfg.optimizer, global_batch_size=gbs,
                                           steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   tx = optim.make_optimizer(cfg.optimizer, schedule, variables['params'])
@@ -509,7 +245,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
       last_good = step_no
 
   try:
-    with _Preemption() as preemption:
+    with ckpt_lib.Preemption(checkpointer) as preemption:
       step = start_step
       while step < total_steps:
         batch = distributed.global_batch(next(train_iter), mesh)
@@ -530,7 +266,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
                                     source=source, eval_cache=eval_cache)
           writer.write(step, results)
           bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in results.items() if 'count' not in k))
-        if preemption.requested or checkpointer.reached_preemption(step):
+        if preemption.reached(step):
           bar.write(f'preemption signal: saving step {step} and exiting')
           save(step, force=True)
           checkpointer.wait()
@@ -553,10 +289,10 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: str, *, devi
   """Evaluates a variables checkpoint or a work directory's newest checkpoint on cfg's eval split
   (and after `fuse` when cfg.eval_fused). The model is built from the checkpoint's meta when it
   names one, else from cfg."""
-  import mobilevis_jax  # pylint: disable=import-outside-toplevel
+  from mobilevis_jax import data  # here, not at the top: TensorFlow loads only when a run starts
 
   mesh = distributed.make_data_mesh(devices)
-  source = data_source(cfg.data)
+  source = data.get_source(cfg.data.name)
   info = source.dataset_info(cfg.data)
   variables, meta = ckpt_lib.restore_variables(checkpoint)
   kwargs = dict(meta.get('model_kwargs') or {})
@@ -565,12 +301,4 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: str, *, devi
     kwargs.update(cfg.model_kwargs.to_dict())
   model = mobilevis_jax.create_model(meta.get('model_name') or cfg.model, **kwargs)
   variables = distributed.replicate(dict(variables), mesh)
-  batches = lambda: source.eval_iterator(cfg.data, global_batch_size=cfg.eval_batch_size)
-  step = make_eval_step(mesh, model=model, half_precision=cfg.half_precision)
-  results = {f'eval/{k}': v for k, v in evaluate(step, variables, batches(), mesh).items()}
-  if cfg.eval_fused:
-    fused_model, fused_vars = mobilevis_jax.fuse(model, distributed.to_host(variables))
-    fstep = make_eval_step(mesh, model=fused_model, half_precision=cfg.half_precision)
-    fused_vars = distributed.replicate(fused_vars, mesh)
-    results.update({f'eval_fused/{k}': v for k, v in evaluate(fstep, fused_vars, batches(), mesh).items()})
-  return results
+  return evaluate_all(cfg, mesh=mesh, model=model, source=source, variables=variables)

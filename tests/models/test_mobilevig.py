@@ -14,6 +14,7 @@ from mobilevis_jax import interop
 from mobilevis_jax.layers.regularization import DropPath
 from mobilevis_jax.models.mobilevig import MobileViG, MobileViGConfig
 from mobilevis_jax.profiling import count_params
+from tests.helpers import abstract_variables
 
 NAMES = ["mobilevig_ti", "mobilevig_s", "mobilevig_m", "mobilevig_b"]
 PARAMS_TWO_HEADS = [5_271_074, 7_276_538, 14_075_786, 26_868_506]
@@ -24,16 +25,10 @@ OFFICIAL_PROFILER_MACS = [662_357_216, 984_016_736, 1_493_819_712, 2_793_639_168
 OFFICIAL_PROFILER_PARAMS = [5_229_749, 7_214_704, 13_996_032, 26_727_334]
 
 
-def _abstract_variables(name_or_model, res=224, **kw):
-  model = mv.create_model(name_or_model, **kw) if isinstance(name_or_model, str) else name_or_model
-  x = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
-
-
 @pytest.mark.parametrize("name,two,one", list(zip(NAMES, PARAMS_TWO_HEADS, PARAMS_ONE_HEAD)))
 def test_parameter_counts(name, two, one):
-  assert count_params(_abstract_variables(name)) == two
-  assert count_params(_abstract_variables(name, distillation=False)) == one
+  assert count_params(abstract_variables(name)) == two
+  assert count_params(abstract_variables(name, distillation=False)) == one
 
 
 @pytest.mark.parametrize("i", range(4), ids=NAMES)
@@ -117,7 +112,7 @@ def _random_variables(name_or_model, seed=0, **kw):
     if key == "scale" and path[-2].key != "layer_scale_2":
       return jnp.asarray(1 + rng.normal(0, 0.2, leaf.shape), jnp.float32)
     return jnp.asarray(rng.normal(0, 0.2, leaf.shape), jnp.float32)   # bias, mean, layer scale
-  return jax.tree_util.tree_map_with_path(fill, _abstract_variables(name_or_model, 64, **kw))
+  return jax.tree_util.tree_map_with_path(fill, abstract_variables(name_or_model, 64, **kw))
 
 
 @pytest.mark.parametrize("kw", [{}, {"num_classes": 10, "distillation": False}],
@@ -184,7 +179,7 @@ def test_state_dict_errors_name_the_keys():
 def test_features_only_strides_and_no_head():
   model = mv.create_model("mobilevig_s", features_only=True)
   x = jnp.zeros((1, 96, 160, 3))
-  variables = _abstract_variables("mobilevig_s", res=64, features_only=True)
+  variables = abstract_variables("mobilevig_s", resolution=64, features_only=True)
   assert not {"head", "dist_head", "prediction_conv"} & set(variables["params"])
   feats = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
   assert [f.shape for f in feats] == [(1, 24, 40, 42), (1, 12, 20, 84), (1, 6, 10, 176),
@@ -240,14 +235,14 @@ def test_num_classes_distillation_and_train_outputs():
       v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)}), v, x)
   assert head.shape == dist.shape == (2, 7)
   single = mv.create_model("mobilevig_ti", num_classes=7, distillation=False)
-  vs = _abstract_variables("mobilevig_ti", 64, num_classes=7, distillation=False)
+  vs = abstract_variables("mobilevig_ti", 64, num_classes=7, distillation=False)
   assert "dist_head" not in vs["params"]
   assert jax.eval_shape(lambda v, x: single.apply(v, x), vs, x).shape == (2, 7)
 
 
 def test_knn_graph_variant_shares_the_svga_parameters():
-  svga_vars = _abstract_variables("mobilevig_ti")
-  knn_vars = _abstract_variables("mobilevig_ti", graph_conv="knn")
+  svga_vars = abstract_variables("mobilevig_ti")
+  knn_vars = abstract_variables("mobilevig_ti", graph_conv="knn")
   shapes = lambda v: jax.tree_util.tree_map(lambda a: a.shape, v)
   assert shapes(svga_vars) == shapes(knn_vars)
   r = mv.profile("mobilevig_ti", graph_conv="knn")

@@ -10,6 +10,7 @@ from flax import traverse_util
 from mobilevis_jax import interop
 from mobilevis_jax.models import create_model, list_models, model_info
 from mobilevis_jax.profiling import count_params, profile
+from tests.helpers import abstract_variables, randomize_bn_
 
 # params: exact; macs: fvcore-style count of the official code (ours, see the reference notes),
 # MACs at 224 as ``profile`` gives them. ``paper`` is what the papers report (FLOPs = MACs).
@@ -28,9 +29,7 @@ PAPER_MACS = {"ghostnet_100": 141e6, "ghostnet_130": 226e6, "parameternet_600m":
 
 def _abstract_params(name, resolution=32, **kw):
   model = create_model(name, **kw)
-  x = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
-  return model, jax.eval_shape(lambda r: model.init(r, jnp.zeros(x.shape), train=False),
-                               jax.random.PRNGKey(0))
+  return model, abstract_variables(model, resolution)
 
 
 def test_registry_lists_the_family():
@@ -133,8 +132,7 @@ def test_bad_inputs_and_layouts():
 def _parity(name, torch_model, layout, resolution, capture=()):
   """Import torch weights (strict), compare logits, export back and strict-load into torch."""
   torch = pytest.importorskip("torch")
-  from tests.torch_refs.parameternet import randomize_bn
-  randomize_bn(torch_model)
+  randomize_bn_(torch_model).eval()
   sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
   variables = interop.from_torch_state_dict(name, sd, layout=layout)
   model = create_model(name)

@@ -18,10 +18,11 @@ from flax import traverse_util
 import mobilevis_jax as mv
 from mobilevis_jax.interop import StateDictError, from_torch_state_dict, keymap, to_torch_state_dict
 from mobilevis_jax.profiling import count_params
+from tests.helpers import abstract_variables, randomize_bn_
 
 NAMES = ("parc_convnext_xt", "parc_resnet50", "parc_mobilenetv2")
 
-# Official numbers (/work/shared/reference/parc.md §3, re-measured on the official files).
+# Official numbers (../shared/reference/parc.md §3, re-measured on the official files).
 OFFICIAL_PARAMS = {"parc_convnext_xt": 7_412_824, "parc_resnet50": 23_737_640,
                    "parc_mobilenetv2": 3_532_136}
 OFFICIAL_MACS_224 = {"parc_convnext_xt": 1_139_222_400, "parc_resnet50": 3_941_466_112,
@@ -34,15 +35,10 @@ FEATURE_CHANNELS = {"parc_convnext_xt": (48, 96, 192, 384), "parc_resnet50": (25
                     "parc_mobilenetv2": (24, 32, 96, 320)}
 
 
-def _abstract_init(model, h, w=None):
-  x = jax.ShapeDtypeStruct((1, h, w or h, 3), jnp.float32)
-  return jax.eval_shape(lambda r, x: model.init(r, x, train=False), jax.random.PRNGKey(0), x)
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_parameter_count_and_macs(name):
   assert mv.model_info(name).family == "parc_convnets"
-  variables = _abstract_init(mv.create_model(name), 224)
+  variables = abstract_variables(mv.create_model(name), 224)
   assert count_params(variables) == OFFICIAL_PARAMS[name]
   prof = mv.profile(name)
   assert prof["params"] == OFFICIAL_PARAMS[name]
@@ -54,22 +50,22 @@ def test_parameter_count_and_macs(name):
 def test_features_only(name):
   model = mv.create_model(name, features_only=True)
   x = jax.ShapeDtypeStruct((2, 64, 96, 3), jnp.float32)
-  variables = jax.eval_shape(lambda r, x: model.init(r, x), jax.random.PRNGKey(0), x)
+  variables = abstract_variables(model, (64, 96))
   feats = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
   assert len(feats) == 4
   for f, stride, c in zip(feats, (4, 8, 16, 32), FEATURE_CHANNELS[name]):
     assert f.shape == (2, 64 // stride, 96 // stride, c)
   # No head: exactly the classifier's parameters are missing.
-  full = count_params(_abstract_init(mv.create_model(name), 64, 96))
+  full = count_params(abstract_variables(mv.create_model(name), (64, 96)))
   assert full - count_params(variables) == HEAD_PARAMS[name]
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fixed_size_mode_rejects_other_resolutions(name):
   model = mv.create_model(name, resample=False)
-  _abstract_init(model, 224)  # the official size works
+  abstract_variables(model, 224)  # the official size works
   with pytest.raises(ValueError, match="resample=False"):
-    _abstract_init(model, 192)
+    abstract_variables(model, 192)
 
 
 def test_bad_input_is_rejected():
@@ -86,7 +82,7 @@ def _torch_reference(name, resample, seed=0):
   torch.manual_seed(seed)
   model = ref.BUILDERS[name](resample=resample).eval()
   gen = torch.Generator().manual_seed(seed)
-  ref.randomize_batchnorm_stats(model, gen)
+  randomize_bn_(model, gen)
   with torch.no_grad():  # non-zero biases/embeddings everywhere, so a mis-mapped one shows
     for key, p in model.named_parameters():
       if key.endswith(".bias") or key.endswith(".pe"):
@@ -156,7 +152,7 @@ def test_strict_import_names_the_offending_keys():
 def test_dense_parc_kernel_shapes_in_resnet50():
   # ParC-ResNet50's ParC is dense (groups=1 in the official file): (128, 128, 14, 1) kernels.
   model = mv.create_model("parc_resnet50")
-  variables = _abstract_init(model, 224)
+  variables = abstract_variables(model, 224)
   entries = keymap.get_layout("parc_convnets", "official")("parc_resnet50", model, variables)
   leaves = traverse_util.flatten_dict(variables)
   shapes = {e.torch_key: e.torch_shape_for(leaves[(e.collection,) + e.path].shape)

@@ -8,12 +8,12 @@ import mobilevis_jax
 from mobilevis_jax.interop import StateDictError, from_torch_state_dict, to_torch_state_dict
 from mobilevis_jax.models import parcnet
 from mobilevis_jax.profiling import count_params
+from tests.helpers import abstract_variables, randomize_bn_
 
 
 def abstract_init(name, resolution=64, **kw):
   model = mobilevis_jax.create_model(name, **kw)
-  x = jnp.zeros((1, resolution, resolution, 3))
-  return model, jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+  return model, abstract_variables(model, resolution)
 
 
 @pytest.mark.parametrize("name,expected", [("parcnet_xs", 2_185_384), ("parcnet_s", 5_037_088),
@@ -45,10 +45,10 @@ def test_macs_official_profiler_and_plain_count(name, official_m, counted_m):
 @pytest.fixture(scope="module")
 def torch_s():
   torch = pytest.importorskip("torch")
-  from tests.torch_refs.parcnet import ParCNetRef, randomize_bn_stats
+  from tests.torch_refs.parcnet import ParCNetRef
   torch.manual_seed(0)
   ref = ParCNetRef("s").eval()
-  randomize_bn_stats(ref)
+  randomize_bn_(ref)
   with torch.no_grad():  # a head with O(1) logits so 1e-4 is a meaningful tolerance
     ref.classifier.fc.weight.normal_(0.0, 0.2)
     ref.classifier.fc.bias.normal_(0.0, 0.2)

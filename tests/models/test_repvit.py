@@ -1,7 +1,10 @@
 """RepViT: parameter counts and fused MACs against the official numbers, the official init,
-SE placement, fused-vs-unfused agreement, distillation outputs and multi-scale features.
+SE placement, fused-vs-unfused agreement, distillation outputs and multi-scale features; then
+parity with PyTorch: the official layout (our reference in ``tests/torch_refs/repvit.py``) and
+timm's (``timm.models.repvit``), both directions, through files, unfused and fused.
 
-Parity with PyTorch lives in ``tests/interop/test_repvit_interop.py``; nothing here needs torch.
+Every PyTorch load is ``strict=True``; torch models carry random weights *and* random BN
+statistics. The torch tests skip (through the ``torch_ref`` fixture) when torch is missing.
 """
 import functools
 
@@ -12,11 +15,23 @@ import pytest
 from flax import traverse_util
 
 import mobilevis_jax as mv
-from mobilevis_jax.models.repvit import (BNLinear, FusedRepViT, RepViTBlock, RepViTDownsample,
-                                         se_channels)
+from mobilevis_jax.interop import (
+  from_torch_state_dict,
+  load_state_dict,
+  save_state_dict,
+  to_torch_state_dict,
+)
+from mobilevis_jax.models.repvit import (
+  BNLinear,
+  FusedRepViT,
+  RepViTBlock,
+  RepViTDownsample,
+  se_channels,
+)
 from mobilevis_jax.profiling import count_params
+from tests.helpers import abstract_variables, assert_same_tree
 
-# From /work/shared/reference/repvit.md (official code built with torch; fvcore GMACs at 224).
+# From ../shared/reference/repvit.md (official code built with torch; fvcore GMACs at 224).
 # name: (params with one head, with two heads, fused, fused GMACs)
 OFFICIAL = {
     "repvit_m0_6": (2_487_292, 2_808_932, 2_468_072, 0.385),
@@ -31,14 +46,9 @@ OFFICIAL = {
 }
 
 
-def _abstract_init(model, res=224):
-  x = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _abstract_two_heads(name):
-  return _abstract_init(mv.create_model(name, distillation=True))
+  return abstract_variables(name, distillation=True)
 
 
 def _without(variables, top_level_name):
@@ -73,8 +83,8 @@ def test_parameter_counts_match_official(name):
 
 
 def test_one_head_model_is_two_head_model_without_head_dist():
-  one = jax.tree_util.tree_map(lambda a: a.shape, _abstract_init(mv.create_model("repvit_m0_6"), 32))
-  two = _abstract_init(mv.create_model("repvit_m0_6", distillation=True), 32)
+  one = jax.tree_util.tree_map(lambda a: a.shape, abstract_variables(mv.create_model("repvit_m0_6"), 32))
+  two = abstract_variables(mv.create_model("repvit_m0_6", distillation=True), 32)
   two = jax.tree_util.tree_map(lambda a: a.shape, _without(two, "head_dist"))
   assert one == two
 
@@ -83,7 +93,7 @@ def test_one_head_model_is_two_head_model_without_head_dist():
 def test_fused_macs_match_official(name):
   gmacs = OFFICIAL[name][3]
   model = mv.create_model(name, fused=True)
-  r = mv.profile(model, 224, variables=_abstract_init(model))
+  r = mv.profile(model, 224, variables=abstract_variables(model))
   assert r["params"] == OFFICIAL[name][2]
   assert abs(r["macs"] / 1e9 - gmacs) / gmacs < 0.01, r
 
@@ -94,7 +104,7 @@ def test_official_init_and_se_placement():
   x = jnp.zeros((1, 8, 8, 32))
   @jax.jit
   def init_all(x, pooled):
-    init = lambda m, x: m.init(jax.random.PRNGKey(0), x, train=False)["params"]  # noqa: E731
+    init = lambda m, x: m.init(jax.random.PRNGKey(0), x, train=False)["params"]
     return (init(RepViTBlock(use_se=True), x), init(RepViTDownsample(64), x),
             init(BNLinear(1000), pooled))
 
@@ -110,7 +120,7 @@ def test_official_init_and_se_placement():
   assert 0.015 < float(jnp.std(head["linear"]["kernel"])) < 0.025
   assert float(jnp.abs(head["linear"]["bias"]).max()) == 0.0
   # SE on blocks 0, 2, 4, ... of each stage; never on pre-blocks.
-  p = _abstract_init(mv.create_model("repvit_m0_6"), 32)["params"]
+  p = abstract_variables(mv.create_model("repvit_m0_6"), 32)["params"]
   stage2 = p["stages_2"]
   assert [("se" in stage2[f"blocks_{j}"]) for j in range(8)] == [j % 2 == 0 for j in range(8)]
   assert "se" not in stage2["downsample"]["pre_block"]
@@ -125,10 +135,10 @@ def test_se_width_rounding():
 
 
 def test_legacy_token_mixer_structure():
-  p = _abstract_init(mv.create_model("repvit_m1"), 32)["params"]
+  p = abstract_variables(mv.create_model("repvit_m1"), 32)["params"]
   tm = p["stages_0"]["blocks_0"]["token_mixer"]
   assert set(tm) == {"conv", "conv1"} and set(tm["conv1"]) == {"conv", "bn"}
-  p = _abstract_init(mv.create_model("repvit_m0_9"), 32)["params"]
+  p = abstract_variables(mv.create_model("repvit_m0_9"), 32)["params"]
   tm = p["stages_0"]["blocks_0"]["token_mixer"]
   assert set(tm) == {"conv", "conv1", "bn"} and set(tm["conv1"]) == {"kernel", "bias"}
 
@@ -226,7 +236,8 @@ def test_distillation_outputs(ref_m0_6):
   single = mv.create_model("repvit_m0_6", num_classes=10)
   v1 = _without(v, "head_dist")
   for train in (True, False):
-    out = jax.eval_shape(lambda v, x: single.apply(v, x, train=train, mutable=["batch_stats"])[0], v1, x)
+    out = jax.eval_shape(
+        lambda v, x, train=train: single.apply(v, x, train=train, mutable=["batch_stats"])[0], v1, x)
     assert out.shape == (4, 10)
 
 
@@ -259,3 +270,163 @@ def test_bad_input_is_rejected():
   with pytest.raises(ValueError, match="structural re-parameterisation"):
     fm = mv.create_model("repvit_m0_6", fused=True)
     mv.fuse(fm, {})
+
+
+# --- PyTorch parity (official reference and timm) ------------------------------------------
+
+ATOL = 1e-4
+
+
+def _nhwc(x):
+  return jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+
+
+def _torch_logits(model, x):
+  import torch
+  with torch.no_grad():
+    return model.eval()(x).numpy()
+
+
+def _load_strict(torch_model, sd):
+  import torch
+  sd = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v)) for k, v in sd.items()}
+  torch_model.load_state_dict(sd, strict=True)
+  return torch_model
+
+
+class _Official:
+  """Official-layout M0.6 with two heads, imported into JAX and run once (stage outputs kept)."""
+
+  name = "repvit_m0_6"
+
+  def __init__(self, torch, R):
+    self.torch_model = R.randomize_(R.RepViT(self.name, distillation=True), seed=3).eval()
+    self.x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    self.torch_logits = _torch_logits(self.torch_model, self.x)
+    self.sd = self.torch_model.state_dict()
+    self.variables = from_torch_state_dict(self.name, self.sd, distillation=True)
+    model = mv.create_model(self.name, distillation=True)
+    self.logits, state = jax.jit(lambda v, x: model.apply(v, x, train=False, capture_intermediates=True))(
+        self.variables, _nhwc(self.x))
+    self.stage_outputs = [state["intermediates"][f"stages_{i}"]["__call__"][0] for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def torch_ref():
+  """(torch, tests/torch_refs/repvit.py); skips the PyTorch tests when torch is not installed."""
+  torch = pytest.importorskip("torch")
+  from tests.torch_refs import repvit
+  return torch, repvit
+
+
+@pytest.fixture(scope="module")
+def official(torch_ref):
+  return _Official(*torch_ref)
+
+
+def test_official_to_jax_logits(official):
+  assert float(np.std(official.torch_logits)) > 0.1
+  np.testing.assert_allclose(np.asarray(official.logits), official.torch_logits, rtol=0, atol=ATOL)
+
+
+def test_stage_outputs_are_official_detection_features(official, torch_ref):
+  torch, R = torch_ref
+  # The official detection backbone returns features[i] at these indices ([2, 6, 20, 24] for M1.1).
+  indices = R.stage_output_indices(official.name)
+  taken, x = {}, official.x
+  with torch.no_grad():
+    for i, f in enumerate(official.torch_model.features):
+      x = f(x)
+      if i in indices:
+        taken[i] = x.numpy().transpose(0, 2, 3, 1)
+  for ours, i in zip(official.stage_outputs, indices):
+    np.testing.assert_allclose(np.asarray(ours), taken[i], rtol=0, atol=ATOL)
+
+
+def test_jax_to_official_strict_load(official, torch_ref):
+  _, R = torch_ref
+  sd = to_torch_state_dict(official.name, official.variables, distillation=True)
+  assert list(sd) == list(official.sd)                      # same keys, same order
+  assert sd["features.1.token_mixer.0.bn.num_batches_tracked"].dtype == np.int64
+  fresh = _load_strict(R.RepViT(official.name, distillation=True), sd)
+  np.testing.assert_allclose(_torch_logits(fresh, official.x), np.asarray(official.logits),
+                             rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_file_round_trip(official, tmp_path, suffix, torch_ref):
+  torch, R = torch_ref
+  path = tmp_path / f"repvit{suffix}"
+  save_state_dict(to_torch_state_dict(official.name, official.variables, distillation=True), path)
+  if suffix == ".pth":   # stored as the official checkpoints are: {'model': state_dict}
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt) == {"model"}
+    fresh = _load_strict(R.RepViT(official.name, distillation=True), ckpt["model"])
+    np.testing.assert_allclose(_torch_logits(fresh, official.x), official.torch_logits, rtol=0, atol=1e-6)
+  back = from_torch_state_dict(official.name, load_state_dict(path), distillation=True)
+  assert_same_tree(back, official.variables)
+
+
+def test_fused_official_layout(official, torch_ref):
+  _, R = torch_ref
+  model = mv.create_model(official.name, distillation=True)
+  fused_model, fused_v = mv.fuse(model, official.variables)
+  sd = to_torch_state_dict(official.name, fused_v, fused=True)
+  torch_fused = R.fuse_model(official.torch_model)
+  assert list(sd) == list(torch_fused.state_dict())
+  fresh = _load_strict(R.fuse_model(R.RepViT(official.name, distillation=True)), sd)
+  np.testing.assert_allclose(_torch_logits(fresh, official.x), official.torch_logits, rtol=0, atol=ATOL)
+  # The official fused checkpoint imports into the fused JAX model (the same arrays as our fuse).
+  imported = from_torch_state_dict(official.name, torch_fused.state_dict(), fused=True)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         imported, fused_v)
+
+
+def test_official_to_timm_layout_via_jax(official):
+  """Official checkpoint -> JAX -> timm layout loads strictly into timm and gives the same logits."""
+  from timm.models.repvit import RepVit
+  timm_model = RepVit(embed_dim=(40, 80, 160, 320), depth=(1, 1, 8, 1), distillation=True)
+  sd = to_torch_state_dict(official.name, official.variables, layout="timm", distillation=True)
+  assert list(sd) == list(timm_model.state_dict())
+  _load_strict(timm_model, sd)
+  np.testing.assert_allclose(_torch_logits(timm_model, official.x), official.torch_logits,
+                             rtol=0, atol=ATOL)
+  with pytest.raises(ValueError, match="timm has no fused"):
+    to_torch_state_dict(official.name, {}, layout="timm", fused=True)
+
+
+def test_timm_legacy_both_directions(torch_ref):
+  """timm's own legacy RepViT-M1 (Conv-BN 1x1 branch, no outer BN) -> JAX -> timm."""
+  torch, R = torch_ref
+  import timm
+  name = "repvit_m1"
+  timm_model = R.randomize_(timm.create_model(name, pretrained=False, distillation=False), seed=4).eval()
+  x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+  expected = _torch_logits(timm_model, x)
+  variables = from_torch_state_dict(name, timm_model.state_dict(), layout="timm")
+  model = mv.create_model(name)
+  ours = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, _nhwc(x))
+  np.testing.assert_allclose(np.asarray(ours), expected, rtol=0, atol=ATOL)
+  sd = to_torch_state_dict(name, variables, layout="timm")
+  fresh = _load_strict(timm.create_model(name, pretrained=False, distillation=False), sd)
+  np.testing.assert_allclose(_torch_logits(fresh, x), np.asarray(ours), rtol=0, atol=ATOL)
+  # The same weights in the official legacy layout load into the official legacy model.
+  official = _load_strict(R.RepViT(name), to_torch_state_dict(name, variables))
+  np.testing.assert_allclose(_torch_logits(official, x), expected, rtol=0, atol=ATOL)
+
+
+def test_full_resolution_m1_1(torch_ref):
+  """One check at 224 on the flagship variant, with the official two-head checkpoint format."""
+  torch, R = torch_ref
+  name = "repvit_m1_1"
+  ref = R.randomize_(R.RepViT(name, distillation=True), seed=5, resolution=224).eval()
+  assert len(ref.state_dict()) == 659              # as the reference notes count for M1.1
+  x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+  expected = _torch_logits(ref, x)
+  variables = from_torch_state_dict(name, ref.state_dict(), distillation=True)
+  model = mv.create_model(name, distillation=True)
+  ours = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, _nhwc(x))
+  np.testing.assert_allclose(np.asarray(ours), expected, rtol=0, atol=ATOL)
+  fresh = _load_strict(R.RepViT(name, distillation=True),
+                       to_torch_state_dict(name, variables, distillation=True))
+  np.testing.assert_allclose(_torch_logits(fresh, x), np.asarray(ours), rtol=0, atol=ATOL)

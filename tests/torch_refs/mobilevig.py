@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tests.helpers import randomize_bn_ as randomize_bn_stats_
+
 VARIANTS = {
     # name: (local depths, local channels, global depth, global channels, embedding dim)
     "mobilevig_ti": ((2, 2, 6), (42, 84, 168), 2, 256, 512),
@@ -185,23 +187,12 @@ def build(name: str, **kw) -> RefMobileViG:
 
 
 def randomize_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
-  """Give every BatchNorm non-trivial affine parameters and running statistics.
-
-  Fresh BNs (scale 1, shift 0, mean 0, var 1) would hide mapping mistakes between scale/bias and
-  mean/var, so parity tests randomise them; layer scales are set away from 1e-5 so that the
-  MBConv branch contributes visibly to the logits.
-  """
+  """``tests.helpers.randomize_bn_``, then layer scales away from 1e-5 so that the MBConv branch
+  contributes visibly to the logits."""
   g = torch.Generator().manual_seed(seed)
+  randomize_bn_stats_(model, g)
   with torch.no_grad():
     for mod in model.modules():
-      if isinstance(mod, nn.BatchNorm2d):
-        n = mod.num_features
-        mod.weight.copy_(1.0 + 0.2 * torch.randn(n, generator=g))
-        mod.bias.copy_(0.2 * torch.randn(n, generator=g))
-        mod.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-        mod.running_var.copy_(0.5 + torch.rand(n, generator=g))
-        mod.num_batches_tracked.fill_(7)
       if isinstance(mod, RefInvertedResidual):
         mod.layer_scale_2.copy_(0.5 * torch.randn(mod.layer_scale_2.shape, generator=g))
   return model
-

@@ -224,17 +224,3 @@ def parameternet_300m(num_experts=4, num_classes=1000):
 
 def ghostnet_300m(num_classes=1000):
   return ParameterNet(GHOSTNET_ROWS, width=1.45, dynamic=False, num_classes=num_classes)
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-  """Non-trivial BN statistics and affine parameters, so a wrong mapping cannot hide."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, nn.BatchNorm2d):
-        n = m.num_features
-        m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-        m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-        m.weight.copy_(0.5 + torch.rand(n, generator=g))
-        m.bias.copy_(0.2 * torch.randn(n, generator=g))
-  return model.eval()

@@ -11,12 +11,10 @@ the way ParC-Net (`gcc_ca_mf_block`) does; at 224 px the two modes are the same 
 the tests check.
 """
 
-from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 
 # --------------------------------------------------------------------------- ParC operator
 
@@ -39,7 +37,7 @@ class ParCOperator(nn.Module):
     """
 
     def __init__(self, dim: int, direction: str, kernel_size: int, use_pe: bool = True,
-                 groups: Optional[int] = None, resample: bool = False):
+                 groups: int | None = None, resample: bool = False):
         super().__init__()
         if direction not in ("H", "W"):
             raise ValueError(f"direction must be 'H' or 'W', got {direction!r}")
@@ -170,7 +168,7 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None):
+                 downsample: nn.Module | None = None):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -257,7 +255,7 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = int(round(inp * expand_ratio))
         self.use_res_connect = stride == 1 and inp == oup
-        layers: List[nn.Module] = []
+        layers: list[nn.Module] = []
         if expand_ratio != 1:
             layers.append(ConvBNReLU6(inp, hidden, 1))
         layers += [ConvBNReLU6(hidden, hidden, 3, stride, groups=hidden),
@@ -304,7 +302,7 @@ MOBILENETV2_SETTING = (
 class ParCMobileNetV2(nn.Module):
     def __init__(self, num_classes: int = 1000, resample: bool = False):
         super().__init__()
-        features: List[nn.Module] = [ConvBNReLU6(3, 32, 3, 2)]
+        features: list[nn.Module] = [ConvBNReLU6(3, 32, 3, 2)]
         cin = 32
         for t, c, n, s, plain, k in MOBILENETV2_SETTING:
             for i in range(n):
@@ -320,20 +318,6 @@ class ParCMobileNetV2(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x).mean((-2, -1)))
-
-
-def randomize_batchnorm_stats(model: nn.Module, generator: torch.Generator) -> None:
-    """Give every BatchNorm non-trivial affine parameters and running statistics, so that a
-    parity check exercises them (fresh BN layers are identities in eval mode)."""
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            with torch.no_grad():
-                m.weight.copy_(1 + 0.2 * torch.randn(c, generator=generator))
-                m.bias.copy_(0.1 * torch.randn(c, generator=generator))
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=generator))
-                m.num_batches_tracked.fill_(7)
 
 
 def parc_convnext_xt(**kw) -> ParCConvNeXt:

@@ -197,16 +197,3 @@ class ParCNetRef(nn.Module):
 
   def forward(self, x):
     return self.classifier(self.conv_1x1_exp(self.forward_features(x)[-1]))
-
-
-def randomize_bn_stats(model: nn.Module, seed: int = 0) -> None:
-  """Non-trivial running statistics and affine parameters so eval-mode parity means something."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, nn.BatchNorm2d):
-        c = m.num_features
-        m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-        m.running_var.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
-        m.weight.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
-        m.bias.copy_(torch.randn(c, generator=g) * 0.1)

@@ -44,7 +44,7 @@ def _divisible(v: float, divisor: int = 8) -> int:
   return max(divisor, int(v + divisor / 2) // divisor * divisor)
 
 
-class Conv2d_BN(nn.Sequential):  # noqa: N801 -- the official class name
+class Conv2d_BN(nn.Sequential):  # the official class name
   def __init__(self, cin, cout, ks=1, stride=1, pad=0, groups=1, bn_weight_init=1.0):
     super().__init__()
     self.add_module("c", nn.Conv2d(cin, cout, ks, stride, pad, groups=groups, bias=False))
@@ -143,7 +143,7 @@ class RepViTBlock(nn.Module):
     return self.channel_mixer(self.token_mixer(x))
 
 
-class BN_Linear(nn.Sequential):  # noqa: N801
+class BN_Linear(nn.Sequential):  # the official class name
   def __init__(self, cin, cout):
     super().__init__()
     self.add_module("bn", nn.BatchNorm1d(cin))

@@ -8,7 +8,7 @@ noisy patterns, so a model can actually learn them.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import numpy as np

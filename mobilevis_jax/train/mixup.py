@@ -9,16 +9,19 @@ the mirrored batch position (``x[::-1]``), as timm does.
   uniform random pixel, clipped to the image, is pasted from ``x[::-1]``; ``lam`` is then corrected
   to the area actually kept, ``1 - box_area / (H * W)``.
 * Targets: ``lam * smooth(y) + (1 - lam) * smooth(y[::-1])`` with ``smooth(y) = one_hot(y) *
-  (1 - s) + s / K``. Each row sums to 1.
+  (1 - s) + s / K`` (:func:`mobilevis_jax.train.losses.smoothed_one_hot`). Each row sums to 1.
 
-:func:`mixup_cutmix` is pure ``jax.numpy`` (traceable, for use inside the jitted train step);
-:func:`mixup_cutmix_np` is the same on the host with a ``numpy.random.Generator``.
+:func:`mixup_cutmix` is pure ``jax.numpy`` (traceable; the jitted train step calls it, which is
+why it lives in ``train/`` and imports no TensorFlow); :func:`mixup_cutmix_np` is the same on the
+host with a ``numpy.random.Generator``.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mobilevis_jax.train.losses import smoothed_one_hot
 
 
 def _check(images, num_classes, mixup_alpha, cutmix_alpha, switch_prob, label_smoothing):
@@ -32,13 +35,6 @@ def _check(images, num_classes, mixup_alpha, cutmix_alpha, switch_prob, label_sm
     raise ValueError(f"mixup_alpha={mixup_alpha}, cutmix_alpha={cutmix_alpha} must be >= 0")
   if not 0.0 <= switch_prob <= 1.0 or not 0.0 <= label_smoothing < 1.0:
     raise ValueError(f"switch_prob={switch_prob}, label_smoothing={label_smoothing} out of range")
-
-
-def smooth_one_hot(labels, num_classes: int, smoothing: float, xp=jnp):
-  off = smoothing / num_classes
-  on = 1.0 - smoothing + off
-  one_hot = (labels[:, None] == xp.arange(num_classes)[None, :])
-  return xp.where(one_hot, on, off).astype(xp.float32)
 
 
 def _box(h, w, lam, cy, cx, xp):
@@ -58,7 +54,7 @@ def mixup_cutmix(rng, images, labels, *, num_classes: int, mixup_alpha: float = 
                  label_smoothing: float = 0.1):
   """Returns ``(mixed_images, soft_targets [B, num_classes] float32)``; pure jax.numpy."""
   _check(images, num_classes, mixup_alpha, cutmix_alpha, switch_prob, label_smoothing)
-  targets = smooth_one_hot(labels, num_classes, label_smoothing)
+  targets = smoothed_one_hot(labels, num_classes, label_smoothing)
   if mixup_alpha == 0 and cutmix_alpha == 0:
     return images, targets
   k_switch, k_mix, k_cut, k_y, k_x = jax.random.split(rng, 5)
@@ -93,7 +89,7 @@ def mixup_cutmix_np(rng: np.random.Generator, images: np.ndarray, labels: np.nda
                     switch_prob: float = 0.5, label_smoothing: float = 0.1):
   """Host (numpy) version of :func:`mixup_cutmix`, same semantics; does not modify its inputs."""
   _check(images, num_classes, mixup_alpha, cutmix_alpha, switch_prob, label_smoothing)
-  targets = smooth_one_hot(labels, num_classes, label_smoothing, xp=np)
+  targets = smoothed_one_hot(labels, num_classes, label_smoothing, xp=np)
   if mixup_alpha == 0 and cutmix_alpha == 0:
     return images.copy(), targets
   if mixup_alpha > 0 and cutmix_alpha > 0:

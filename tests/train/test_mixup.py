@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobilevis_jax.data.mixup import mixup_cutmix, mixup_cutmix_np, smooth_one_hot
+from mobilevis_jax.train.losses import smoothed_one_hot
+from mobilevis_jax.train.mixup import mixup_cutmix, mixup_cutmix_np
 
 B, H, W, K = 8, 16, 12, 10
 
@@ -84,7 +85,7 @@ def test_switch_prob_and_lambda_statistics_agree_between_jnp_and_np():
 
 
 def test_smoothing_and_errors():
-  t = smooth_one_hot(jnp.array([2]), 4, 0.1)
+  t = smoothed_one_hot(jnp.array([2]), 4, 0.1)
   np.testing.assert_allclose(np.asarray(t), [[0.025, 0.025, 0.925, 0.025]], atol=1e-7)
   with pytest.raises(ValueError, match="even"):
     mixup_cutmix_np(np.random.default_rng(0), np.zeros((3, 4, 4, 3)), np.zeros(3, int),
