@@ -24,7 +24,7 @@ from mobilevis_jax.layers.activations import gelu
 from mobilevis_jax.layers.conv import Conv2d
 from mobilevis_jax.layers.macs import add_macs
 from mobilevis_jax.layers.norm import BatchNorm
-from mobilevis_jax.layers.svga import kaiming_normal_init
+from mobilevis_jax.layers.svga import conv_init
 
 
 def _l2_normalise(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
@@ -90,5 +90,5 @@ class KnnGraphConv(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     agg = knn_aggregate(x, self.num_neighbors, self.dilation, self.reduce_ratio)
     x = jnp.concatenate([x, agg], axis=-1)
-    x = Conv2d(x.shape[-1], 1, kernel_init=kaiming_normal_init, name="conv")(x)
+    x = Conv2d(x.shape[-1], 1, kernel_init=conv_init, name="conv")(x)
     return gelu(BatchNorm(name="bn")(x, train))

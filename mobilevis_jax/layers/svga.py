@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from mobilevis_jax.layers.activations import gelu
-from mobilevis_jax.layers.conv import Conv2d
+from mobilevis_jax.layers.conv import Conv2d, ConvBN, kaiming_normal_init
 from mobilevis_jax.layers.norm import BatchNorm
 from mobilevis_jax.layers.regularization import DropPath
 
 # MobileViG initialises every conv with kaiming_normal_ (fan_in, gain sqrt(2), not truncated).
-kaiming_normal_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+conv_init = kaiming_normal_init("fan_in")
 
 
 def _check_k(k: int) -> None:
@@ -67,22 +67,6 @@ def svga_aggregate(x: jax.Array, k: int = 2) -> jax.Array:
   return jnp.maximum(x - nearest, 0.0)
 
 
-class ConvBiasBN(nn.Module):
-  """1x1 (or kxk) conv *with* bias followed by BatchNorm: MobileViG's ``Sequential(conv, bn)``.
-
-  Submodules ``conv`` and ``bn``. (``layers.ConvBN`` drops the bias, which MobileViG keeps.)
-  """
-  features: int
-  kernel_size: int = 1
-  strides: int = 1
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = Conv2d(self.features, self.kernel_size, self.strides, kernel_init=kaiming_normal_init,
-               name="conv")(x)
-    return BatchNorm(name="bn")(x, train)
-
-
 class MRConv4d(nn.Module):
   """SVGA graph convolution: aggregate, block-concat ``[x, x_j]``, 1x1 conv 2C->2C, BN, GELU.
 
@@ -93,7 +77,7 @@ class MRConv4d(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = jnp.concatenate([x, svga_aggregate(x, self.k)], axis=-1)
-    x = Conv2d(x.shape[-1], 1, kernel_init=kaiming_normal_init, name="conv")(x)
+    x = Conv2d(x.shape[-1], 1, kernel_init=conv_init, name="conv")(x)
     return gelu(BatchNorm(name="bn")(x, train))
 
 
@@ -109,11 +93,11 @@ class Grapher(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     c = x.shape[-1]
-    y = ConvBiasBN(c, name="fc1")(x, train)
+    y = ConvBN(c, use_bias=True, kernel_init=conv_init, name="fc1")(x, train)
     y = self.graph_conv(name="graph_conv")(y, train)
     if y.shape[-1] != 2 * c:
       raise ValueError(f"graph_conv must map {c} -> {2 * c} channels, got {y.shape[-1]}")
-    y = ConvBiasBN(c, name="fc2")(y, train)
+    y = ConvBN(c, use_bias=True, kernel_init=conv_init, name="fc2")(y, train)
     return x + DropPath(self.drop_path, name="drop_path")(y, train)
 
 
@@ -125,6 +109,6 @@ class FFN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     c = x.shape[-1]
-    y = gelu(ConvBiasBN(self.ratio * c, name="fc1")(x, train))
-    y = ConvBiasBN(c, name="fc2")(y, train)
+    y = gelu(ConvBN(self.ratio * c, use_bias=True, kernel_init=conv_init, name="fc1")(x, train))
+    y = ConvBN(c, use_bias=True, kernel_init=conv_init, name="fc2")(y, train)
     return x + DropPath(self.drop_path, name="drop_path")(y, train)

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobilevis_jax.layers import BatchNorm, Conv2d, DropPath, LayerScale, gelu
+from mobilevis_jax.layers import BatchNorm, Conv2d, ConvBN, DropPath, LayerScale, gelu
 from mobilevis_jax.layers.macs import add_macs
 from mobilevis_jax.layers.knn_graph import KnnGraphConv
-from mobilevis_jax.layers.svga import FFN, ConvBiasBN, Grapher, MRConv4d, kaiming_normal_init
+from mobilevis_jax.layers.svga import FFN, Grapher, MRConv4d, conv_init
 from mobilevis_jax.models.registry import register_model, register_profile_hook
 
 
@@ -74,7 +74,7 @@ class Stem(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for i, feats in enumerate((self.features // 2, self.features), start=1):
-      x = Conv2d(feats, 3, strides=2, padding=1, kernel_init=kaiming_normal_init, name=f"conv{i}")(x)
+      x = Conv2d(feats, 3, strides=2, padding=1, kernel_init=conv_init, name=f"conv{i}")(x)
       x = gelu(BatchNorm(name=f"bn{i}")(x, train))
       _report_gelu(x.shape)
     return x
@@ -86,7 +86,7 @@ class Downsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    return ConvBiasBN(self.features, kernel_size=3, strides=2, name="conv")(x, train)
+    return ConvBN(self.features, 3, 2, use_bias=True, kernel_init=conv_init, name="conv")(x, train)
 
 
 class InvertedResidual(nn.Module):
@@ -103,13 +103,13 @@ class InvertedResidual(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     c = x.shape[-1]
     hidden = self.mlp_ratio * c
-    y = Conv2d(hidden, 1, kernel_init=kaiming_normal_init, name="fc1")(x)
+    y = Conv2d(hidden, 1, kernel_init=conv_init, name="fc1")(x)
     y = gelu(BatchNorm(name="norm1")(y, train))
     _report_gelu(y.shape)
-    y = Conv2d(hidden, 3, groups=hidden, kernel_init=kaiming_normal_init, name="mid")(y)
+    y = Conv2d(hidden, 3, groups=hidden, kernel_init=conv_init, name="mid")(y)
     y = gelu(BatchNorm(name="mid_norm")(y, train))
     _report_gelu(y.shape)
-    y = Conv2d(c, 1, kernel_init=kaiming_normal_init, name="fc2")(y)
+    y = Conv2d(c, 1, kernel_init=conv_init, name="fc2")(y)
     y = BatchNorm(name="norm2")(y, train)
     y = LayerScale(self.layer_scale_init, name="layer_scale_2")(y)
     return x + DropPath(self.drop_path, name="drop_path")(y, train)
@@ -209,7 +209,7 @@ class MobileViG(nn.Module):
 
 def Dense1x1(features: int, name: str) -> nn.Dense:
   """A 1x1 conv on a pooled map, held as Dense (torch key shape (out, in, 1, 1))."""
-  return nn.Dense(features, kernel_init=kaiming_normal_init, bias_init=nn.initializers.zeros,
+  return nn.Dense(features, kernel_init=conv_init, bias_init=nn.initializers.zeros,
                   name=name)
 
 

@@ -36,6 +36,7 @@ expansion (``blocks.9``) nor the head.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -43,8 +44,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mobilevis_jax.layers import (BatchNorm, Conv2d, DropPath, SqueezeExcite, hard_sigmoid,
-                                  hard_swish, relu)
+from mobilevis_jax.layers import (BatchNorm, Conv2d, ConvBN, DropPath, Linear, SqueezeExcite,
+                                  hard_sigmoid, hard_swish, make_divisible, relu,
+                                  torch_default_bias_init)
 from mobilevis_jax.layers.dynamic_conv import DynamicConv
 from mobilevis_jax.models.registry import register_model
 
@@ -85,37 +87,11 @@ FEATURE_GROUPS = (2, 4, 6, 8)
 ACTIVATIONS: dict[str, Callable] = {"relu": relu, "hard_swish": hard_swish}
 
 
-def make_divisible(v: float, divisor: int = 4) -> int:
-  """GhostNet's channel rounding: nearest multiple of ``divisor``, never more than 10% below ``v``."""
-  new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
-  if new_v < 0.9 * v:
-    new_v += divisor
-  return new_v
-
-
-class ConvNormAct(nn.Module):
-  """conv (static or dynamic, no bias) -> BatchNorm -> optional activation.
-
-  Submodules ``conv`` and ``bn``: PyTorch's ``nn.Sequential(conv, bn, act)`` entries ``.0``/``.1``.
-  """
-  features: int
-  kernel_size: int = 1
-  strides: int = 1
-  groups: int = 1
-  act: Callable | None = None
-  dynamic: bool = False
-  dynamic_kwargs: Any = None  # dict of DynamicConv options (num_experts, routing, strategy)
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    if self.dynamic:
-      x = DynamicConv(self.features, self.kernel_size, self.strides, groups=self.groups,
-                      **(self.dynamic_kwargs or {}), name="conv")(x)
-    else:
-      x = Conv2d(self.features, self.kernel_size, self.strides, groups=self.groups,
-                 use_bias=False, name="conv")(x)
-    x = BatchNorm(name="bn")(x, train)
-    return self.act(x) if self.act is not None else x
+def _dynamic_conv(dynamic: bool, dynamic_kwargs: Any = None) -> Callable[..., nn.Module] | None:
+  """The ``conv`` of a ``layers.ConvBN`` (PyTorch's ``Sequential(conv, bn, act)``) at one of
+  ParameterNet's dynamic positions: a DynamicConv with the model's ``dynamic_kwargs``; None (the
+  static bias-free conv) in GhostNet."""
+  return functools.partial(DynamicConv, **(dynamic_kwargs or {})) if dynamic else None
 
 
 class GhostModule(nn.Module):
@@ -129,9 +105,9 @@ class GhostModule(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     init = math.ceil(self.features / 2)
-    kw = dict(act=self.act, dynamic=self.dynamic, dynamic_kwargs=self.dynamic_kwargs)
-    primary = ConvNormAct(init, 1, **kw, name="primary_conv")(x, train)
-    cheap = ConvNormAct(init, 3, groups=init, **kw, name="cheap_operation")(primary, train)
+    kw = dict(act=self.act, conv=_dynamic_conv(self.dynamic, self.dynamic_kwargs))
+    primary = ConvBN(init, 1, **kw, name="primary_conv")(x, train)
+    cheap = ConvBN(init, 3, groups=init, **kw, name="cheap_operation")(primary, train)
     return jnp.concatenate([primary, cheap], axis=-1)[..., :self.features]
 
 
@@ -164,9 +140,10 @@ class GhostBottleneck(nn.Module):
     if cin == self.out_features and self.strides == 1:
       shortcut = x
     else:
-      shortcut = ConvNormAct(cin, self.kernel_size, self.strides, groups=cin, **dyn,
-                             name="shortcut_dw")(x, train)
-      shortcut = ConvNormAct(self.out_features, 1, **dyn, name="shortcut_pw")(shortcut, train)
+      conv = _dynamic_conv(self.dynamic, self.dynamic_kwargs)
+      shortcut = ConvBN(cin, self.kernel_size, self.strides, groups=cin, conv=conv,
+                        name="shortcut_dw")(x, train)
+      shortcut = ConvBN(self.out_features, 1, conv=conv, name="shortcut_pw")(shortcut, train)
     return shortcut + DropPath(self.drop_path_rate)(y, train)
 
 
@@ -223,12 +200,14 @@ class GhostNet(nn.Module):
       return [features[i] for i in FEATURE_GROUPS]
 
     last = make_divisible(self.table[-1][-1][1] * self.width, 4)
-    x = ConvNormAct(last, 1, act=act, **dyn, name=f"blocks_{n}_0")(x, train)
+    x = ConvBN(last, 1, act=act, conv=_dynamic_conv(self.dynamic, self.dynamic_kwargs),
+               name=f"blocks_{n}_0")(x, train)
     x = jnp.mean(x, axis=(1, 2), keepdims=True)
-    x = act(Conv2d(1280, 1, use_bias=True, name="conv_head")(x))
+    # conv_head and the classifier keep PyTorch's default init, biases included (no init pass).
+    x = act(Conv2d(1280, 1, use_bias=True, bias_init=torch_default_bias_init, name="conv_head")(x))
     x = x.reshape(x.shape[0], -1)
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, name="classifier")(x)
+    return Linear(self.num_classes, name="classifier")(x)
 
 
 # --- variants ----------------------------------------------------------------------------------

@@ -41,16 +41,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobilevis_jax.layers import (BatchNorm, Conv2d, ConvBN, DropPath, LayerScale, gelu, relu,
-                                  relu6, trunc_normal_init)
+from mobilevis_jax.layers import (BatchNorm, Conv2d, ConvBN, DropPath, LayerScale, Linear, gelu,
+                                  kaiming_normal_init, relu, relu6, trunc_normal_init)
 from mobilevis_jax.layers.parc import ParCConv
 from mobilevis_jax.models.registry import register_model
 
 
 # torch's kaiming_normal_(mode='fan_out') with a ReLU gain, as the official ResNet/MobileNetV2
-# initialise their convolutions, ParC kernels included (jax's "normal" is untruncated). ParC
-# kernels are HWIO like any conv here, so fan_out = K * Cout as in torch.
-_kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# initialise their convolutions, ParC kernels included. ParC kernels are HWIO like any conv here,
+# so fan_out = K * Cout as in torch.
+_kaiming_fan_out = kaiming_normal_init("fan_out")
 
 
 class ParCPair(nn.Module):
@@ -226,7 +226,8 @@ class ParCResNet(nn.Module):
       features.append(x)
     if self.features_only:
       return features
-    return nn.Dense(self.num_classes, name="fc")(jnp.mean(x, axis=(1, 2)))
+    # torchvision's init pass skips nn.Linear: fc keeps PyTorch's default, bias included.
+    return Linear(self.num_classes, name="fc")(jnp.mean(x, axis=(1, 2)))
 
 
 # ==============================================================================================

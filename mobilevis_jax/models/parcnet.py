@@ -37,13 +37,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mobilevis_jax.layers import BatchNorm, Conv2d, ConvBN, hard_sigmoid, hard_swish, silu
-from mobilevis_jax.layers.conv import trunc_normal_init
+from mobilevis_jax.layers import (BatchNorm, Conv2d, ConvBN, hard_sigmoid, hard_swish,
+                                  kaiming_normal_init, make_divisible, silu, trunc_normal_init)
 from mobilevis_jax.layers.parc import ParCConv, parc_hw_fused, resample_1d
 from mobilevis_jax.models.registry import register_model, register_profile_hook
 
 # cvnets initialises every conv with kaiming_normal(mode='fan_out') (untruncated) and zero bias.
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+conv_init = kaiming_normal_init("fan_out")
 PARC_METHODS = ("auto", "direct", "conv", "fft", "fft2")
 
 
@@ -84,14 +84,9 @@ def preprocess(images_rgb_uint8: jax.Array) -> jax.Array:
   return images_rgb_uint8[..., ::-1].astype(jnp.float32) / 255.0
 
 
-def make_divisible(v: float, divisor: int = 8) -> int:
-  """MobileNetV2's channel rounding (nearest multiple of 8, never more than 10% down)."""
-  new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
-  return new_v + divisor if new_v < 0.9 * v else new_v
-
-
 class ConvBNAct(nn.Module):
-  """cvnets ``ConvLayer``: bias-free conv + BN (+ SiLU)."""
+  """cvnets ``ConvLayer``: bias-free conv + BN (+ SiLU), a ``layers.ConvBN`` held one level down
+  as ``<name>/conv_bn`` (the path the interop layout maps)."""
   features: int
   kernel_size: int = 1
   strides: int = 1
@@ -100,9 +95,8 @@ class ConvBNAct(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = ConvBN(self.features, self.kernel_size, self.strides, groups=self.groups,
-               kernel_init=conv_init, name="conv_bn")(x, train)
-    return silu(x) if self.act else x
+    return ConvBN(self.features, self.kernel_size, self.strides, groups=self.groups,
+                  act=silu if self.act else None, kernel_init=conv_init, name="conv_bn")(x, train)
 
 
 class InvertedResidual(nn.Module):

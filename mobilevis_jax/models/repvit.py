@@ -35,8 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mobilevis_jax.layers import (BatchNorm, Conv2d, ConvBN, SqueezeExcite, gelu, reparam,
-                                  trunc_normal_init)
+from mobilevis_jax.layers import (BatchNorm, Conv2d, ConvBN, SqueezeExcite, gelu, make_divisible,
+                                  reparam, torch_default_bias_init, trunc_normal_init)
 from mobilevis_jax.models.registry import register_fuse, register_model
 
 
@@ -62,7 +62,7 @@ VARIANTS = {
 
 def se_channels(channels: int) -> int:
   """Squeeze width of timm's ``SqueezeExcite(C, 0.25)``: C/4 rounded to a multiple of 8 (>= 8)."""
-  return max(8, int(channels / 4 + 4) // 8 * 8)
+  return make_divisible(channels * 0.25, 8, round_limit=0.0)
 
 
 def _conv_norm(features: int, kernel_size: int = 1, strides: int = 1, groups: int = 1,
@@ -90,7 +90,9 @@ class RepVGGDW(nn.Module):
     if self.legacy:
       y = y + ConvBN(c, 1, groups=c, name="conv1")(x, train)
       return y + x
-    y = y + Conv2d(c, 1, groups=c, use_bias=True, name="conv1")(x)
+    # The official dw 1x1 is a plain nn.Conv2d: PyTorch's default init, bias included.
+    y = y + Conv2d(c, 1, groups=c, use_bias=True, bias_init=torch_default_bias_init,
+                   name="conv1")(x)
     return BatchNorm(name="bn")(y + x, train)
 
 
