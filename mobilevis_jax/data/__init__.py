@@ -37,8 +37,8 @@ from mobilevis_jax.data.image_check import CorruptImageError  # noqa: E402
 from mobilevis_jax.data.pipeline import dataset_info, eval_iterator, train_iterator  # noqa: E402
 from mobilevis_jax.data.sources import prepare  # noqa: E402
 
-__all__ = ["CorruptImageError", "dataset_info", "default_data_config", "eval_iterator", "get_source",
-           "prepare", "train_iterator", "validate_data_config"]
+__all__ = ["CorruptImageError", "dataset_info", "default_data_config", "eval_iterator",
+           "get_source", "prepare", "train_iterator", "validate_data_config"]
 
 
 def get_source(name: str):
