@@ -101,11 +101,13 @@ def _abstract_fuse(model, abstract):
   """Fuse shape-only variables: run the fuser on zeros (cheap) to learn the fused structure."""
   zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract)
   fused_model, fused_vars = fuse(model, zeros)
-  return fused_model, jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), fused_vars)
+  return fused_model, jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
+                                             fused_vars)
 
 
 def format_table(rows: list[dict]) -> str:
-  header = f"{'model':<24}{'family':<14}{'res':>5}{'params':>14}{'GMACs':>9}{'fused params':>15}{'fused GMACs':>13}{'fuse max|d|':>13}"
+  header = (f"{'model':<24}{'family':<14}{'res':>5}{'params':>14}{'GMACs':>9}"
+            f"{'fused params':>15}{'fused GMACs':>13}{'fuse max|d|':>13}")
   lines = [header, "-" * len(header)]
   for r in rows:
     fp = f"{r['fused_params']:,}" if r["fused_params"] is not None else "-"

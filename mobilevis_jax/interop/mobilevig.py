@@ -31,12 +31,14 @@ from mobilevis_jax.interop.keymap import (
 def official_layout(model_name: str, model, variables) -> list[Entry]:
   cfg = model.config
   entries = (conv("stem.stem.0", ("stem", "conv1"), bias=True) + bn("stem.stem.1", ("stem", "bn1"))
-             + conv("stem.stem.3", ("stem", "conv2"), bias=True) + bn("stem.stem.4", ("stem", "bn2")))
+             + conv("stem.stem.3", ("stem", "conv2"), bias=True)
+             + bn("stem.stem.4", ("stem", "bn2")))
 
   index = 0
   for stage, depth in enumerate(cfg.local_depths):
     if stage > 0:
-      entries += conv_bn(f"local_backbone.{index}.conv", (f"local_backbone_{index}", "conv"), "0", "1", bias=True)
+      entries += conv_bn(f"local_backbone.{index}.conv", (f"local_backbone_{index}", "conv"),
+                         "0", "1", bias=True)
       index += 1
     for _ in range(depth):
       t, f = f"local_backbone.{index}", f"local_backbone_{index}"
@@ -49,7 +51,8 @@ def official_layout(model_name: str, model, variables) -> list[Entry]:
       for name in ("mid_norm", "norm1", "norm2"):
         entries += bn(f"{t}.mlp.{name}", (f, name))
       index += 1
-  entries += conv_bn(f"local_backbone.{index}.conv", (f"local_backbone_{index}", "conv"), "0", "1", bias=True)
+  entries += conv_bn(f"local_backbone.{index}.conv", (f"local_backbone_{index}", "conv"),
+                     "0", "1", bias=True)
 
   for j in range(cfg.global_depth):
     t, f = f"backbone.{j}", f"backbone_{j}"

@@ -70,7 +70,7 @@ def _block_indices(params: dict) -> list[tuple[int, int]]:
 
 
 def ghostnet_entries(model, variables) -> list[Entry]:
-  """Entries for any :class:`~mobilevis_jax.models.parameternet.GhostNet` (keys follow PyTorch order)."""
+  """Entries for any :class:`~mobilevis_jax.models.parameternet.GhostNet` (PyTorch key order)."""
   params = variables["params"]
   dynamic, routing = model.dynamic, model.routing
   out = _conv_entries("conv_stem", ("conv_stem",), dynamic, routing)

@@ -108,7 +108,8 @@ def _mobilenetv2(model: pcn.ParCMobileNetV2) -> list[Entry]:
       else:
         out += conv_bn(f"{t}.pw_expand", f + ("pw_expand",), "0", "1")
         for axis in "HW":
-          out += _parc(f"{t}.gcc_{axis}", f + ("parc", f"gcc_{axis}"), use_pe=(i == st.plain_blocks))
+          out += _parc(f"{t}.gcc_{axis}", f + ("parc", f"gcc_{axis}"),
+                       use_pe=(i == st.plain_blocks))
         out += bn(f"{t}.bn", f + ("bn",))
         out += conv_bn(f"{t}.pw_linear", f + ("pw_linear",), "0", "1")
       idx += 1

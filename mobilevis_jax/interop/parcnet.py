@@ -74,7 +74,8 @@ def _parc_block(prefix: str, path: tuple[str, ...], use_pe: bool) -> list[Entry]
 
 
 def _outer_frame(prefix: str, path: tuple[str, ...], num_blocks: int) -> list[Entry]:
-  out = conv_bn(f"{prefix}.dim_adaptive.0.block", path + ("dim_adaptive_0", "conv_bn"), *_CONV_LAYER)
+  out = conv_bn(f"{prefix}.dim_adaptive.0.block", path + ("dim_adaptive_0", "conv_bn"),
+                *_CONV_LAYER)
   out += conv(f"{prefix}.dim_adaptive.1.block.conv", path + ("dim_adaptive_1",))
   for i in range(num_blocks):
     out += _parc_block(f"{prefix}.spatial_global_rep.{i}", path + (f"block_{i}",), use_pe=i == 0)

@@ -1,12 +1,12 @@
 """Checkpoints with orbax: the training state of a run, and model variables on their own.
 
 Training checkpoints live in `<workdir>/checkpoints/<step>/` (an orbax `CheckpointManager`: async
-saves, keep-N; `Preemption` says when to save before a kill). Each holds the whole `TrainState` (parameters,
-BatchNorm statistics, optimiser state, EMA, step, RNG key) plus a JSON `meta` item with the data
-position (the number of global batches consumed, from which the input pipeline restarts) and the
-model name and kwargs. Restoring walks back from the newest step: a step that fails to restore
-(truncated or corrupt files, e.g. a run killed while writing) is reported in a log line and the
-previous one is used.
+saves, keep-N; `Preemption` says when to save before a kill). Each holds the whole `TrainState`
+(parameters, BatchNorm statistics, optimiser state, EMA, step, RNG key) plus a JSON `meta` item
+with the data position (the number of global batches consumed, from which the input pipeline
+restarts) and the model name and kwargs. Restoring walks back from the newest step: a step that
+fails to restore (truncated or corrupt files, e.g. a run killed while writing) is reported in a
+log line and the previous one is used.
 
 Variables checkpoints (`save_variables` / `restore_variables`) hold only `{'params', 'batch_stats'}`
 and a `meta.json`; `mobilevis import` writes them, and the trainer reads them for `init_from` and
@@ -130,7 +130,8 @@ class Preemption:
 # Variables-only checkpoints
 # ------------------------------------------------------------------------------------------------
 
-def save_variables(directory: str, variables: Any, *, model_name: str, extra: dict | None = None) -> None:
+def save_variables(directory: str, variables: Any, *, model_name: str,
+                   extra: dict | None = None) -> None:
   """Writes `variables` ({'params', 'batch_stats'?}) and meta.json with the model name (+ extra)."""
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
@@ -176,7 +177,8 @@ def restore_variables(directory: str) -> tuple[dict, dict]:
             _STATE: ocp.args.StandardRestore(target), _META: ocp.args.JsonRestore()}))
       except Exception as e:
         log.warning('checkpoint at step %d unreadable (%s); trying an older one', step, e)
-        print(f'WARNING: checkpoint at step {step} unreadable ({type(e).__name__}); trying an older one')
+        print(f'WARNING: checkpoint at step {step} unreadable ({type(e).__name__}); '
+              'trying an older one')
         continue
       state, meta = restored[_STATE], dict(restored[_META])
       variables = {'params': state['params']}

@@ -37,13 +37,15 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def _parse(argv, prog: str, checkpoint: bool):
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n\n')[0])
-  parser.add_argument('--config', default=None, help='ml_collections config file (default: the digits recipe)')
+  parser.add_argument('--config', default=None,
+                      help='ml_collections config file (default: the digits recipe)')
   if checkpoint:
     parser.add_argument('--checkpoint', required=True,
                         help='variables checkpoint (mobilevis import) or training work directory')
     parser.add_argument('--workdir', default=None, help='unused by eval; accepted for symmetry')
   else:
-    parser.add_argument('--workdir', required=True, help='checkpoints, metrics.jsonl and TensorBoard events')
+    parser.add_argument('--workdir', required=True,
+                        help='checkpoints, metrics.jsonl and TensorBoard events')
   rest, overrides = _split_overrides(list(argv))
   args = parser.parse_args(rest)
   from mobilevis_jax.train.config import load_config  # here: `mobilevis --help` stays fast
@@ -78,7 +80,8 @@ def _run(argv: list[str] | None, command: str, work: Callable[..., dict]) -> int
     return 2
   if jax.process_index() == 0:
     if 'eval/top1' in result:
-      print(f"test accuracy (top-1): {100 * result['eval/top1']:.2f}% on {int(result['eval/count'])} images")
+      print(f"test accuracy (top-1): {100 * result['eval/top1']:.2f}% "
+            f"on {int(result['eval/count'])} images")
     print(json.dumps(result))
   return 0
 
@@ -89,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-  """`mobilevis eval`: top-1/top-5 of a checkpoint on the config's eval split (and fused, if set)."""
-  return _run(argv, 'eval', lambda train, cfg, args: train.evaluate_checkpoint(cfg, args.checkpoint))
+  """`mobilevis eval`: top-1/top-5 of a checkpoint on the config's eval split (and fused if set)."""
+  return _run(argv, 'eval',
+              lambda train, cfg, args: train.evaluate_checkpoint(cfg, args.checkpoint))
 
 
 if __name__ == '__main__':

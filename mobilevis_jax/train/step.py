@@ -80,7 +80,8 @@ class StepOptions:
     if cfg.distillation.type not in ('none', 'hard'):
       raise ValueError(f"distillation.type must be 'none' or 'hard', got {cfg.distillation.type!r}")
     return cls(num_classes=num_classes, label_smoothing=float(d.get('label_smoothing', 0.0)),
-               mixup_alpha=float(d.get('mixup_alpha', 0.0)), cutmix_alpha=float(d.get('cutmix_alpha', 0.0)),
+               mixup_alpha=float(d.get('mixup_alpha', 0.0)),
+               cutmix_alpha=float(d.get('cutmix_alpha', 0.0)),
                mixup_switch_prob=float(d.get('mixup_switch_prob', 0.5)),
                distillation=cfg.distillation.type, distillation_alpha=float(cfg.distillation.alpha),
                ema_decay=float(cfg.ema_decay), sync_batchnorm=bool(cfg.sync_batchnorm),
@@ -88,7 +89,8 @@ class StepOptions:
 
 
 def _cast_floats(tree: Any, dtype) -> Any:
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 # ================================================================================================
@@ -100,7 +102,8 @@ def make_targets(rng: jax.Array, images: jax.Array, labels: jax.Array, opts: Ste
   if opts.mixup_alpha > 0 or opts.cutmix_alpha > 0:
     return mixup.mixup_cutmix(rng, images, labels, num_classes=opts.num_classes,
                               mixup_alpha=opts.mixup_alpha, cutmix_alpha=opts.cutmix_alpha,
-                              switch_prob=opts.mixup_switch_prob, label_smoothing=opts.label_smoothing)
+                              switch_prob=opts.mixup_switch_prob,
+                              label_smoothing=opts.label_smoothing)
   return images, losses.smoothed_one_hot(labels, opts.num_classes, opts.label_smoothing)
 
 
@@ -144,20 +147,24 @@ def _micro_batch_grads(params, batch_stats, images, labels, rng, teacher_variabl
   return loss, grads, new_stats, correct
 
 
-def per_device_train_step(state: TrainState, batch: dict, teacher_variables: Any, *, model: nn.Module,
+def per_device_train_step(state: TrainState, batch: dict, teacher_variables: Any, *,
+                          model: nn.Module,
                           tx: optax.GradientTransformation, schedule: Callable, opts: StepOptions,
                           teacher_model: nn.Module | None = None):
   """One optimiser step as seen by one device (call inside shard_map / pmap over `data`)."""
   images, labels = batch['image'], batch['label']
-  device_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(DATA_AXIS))
+  device_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                                  lax.axis_index(DATA_AXIS))
   k = opts.grad_accum_steps
   grad_fn = functools.partial(_micro_batch_grads, teacher_variables=teacher_variables, model=model,
                               teacher_model=teacher_model, opts=opts)
   if k == 1:
-    loss, grads, batch_stats, correct = grad_fn(state.params, state.batch_stats, images, labels, device_rng)
+    loss, grads, batch_stats, correct = grad_fn(state.params, state.batch_stats, images, labels,
+                                                device_rng)
   else:
     if images.shape[0] % k:
-      raise ValueError(f'per-device batch {images.shape[0]} is not divisible by grad_accum_steps={k}')
+      raise ValueError(f'per-device batch {images.shape[0]} is not divisible by '
+                       f'grad_accum_steps={k}')
     split = lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:])
 
     def body(carry, xs):
@@ -191,7 +198,8 @@ def per_device_train_step(state: TrainState, batch: dict, teacher_variables: Any
       'lr': schedule(state.step),
   }
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, ema_params=ema_params, ema_batch_stats=ema_batch_stats)
+                            opt_state=opt_state, ema_params=ema_params,
+                            ema_batch_stats=ema_batch_stats)
   return new_state, metrics
 
 

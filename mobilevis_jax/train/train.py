@@ -106,8 +106,9 @@ def _variables(params, batch_stats):
   return out
 
 
-def evaluate_all(cfg: ml_collections.ConfigDict, *, mesh, model: nn.Module, source, variables: dict,
-                 ema_variables: dict | None = None, eval_steps: dict | None = None) -> dict[str, float]:
+def evaluate_all(cfg: ml_collections.ConfigDict, *, mesh, model: nn.Module, source,
+                 variables: dict, ema_variables: dict | None = None,
+                 eval_steps: dict | None = None) -> dict[str, float]:
   """The one evaluation of raw, EMA and fused weights on cfg's eval split.
 
   'eval/*' for `variables`, 'eval_ema/*' for `ema_variables` when given, 'eval_fused/*' for
@@ -126,11 +127,13 @@ def evaluate_all(cfg: ml_collections.ConfigDict, *, mesh, model: nn.Module, sour
     if step_key not in eval_steps:
       eval_steps[step_key] = make_eval_step(mesh, model=m, half_precision=cfg.half_precision)
     batches = source.eval_iterator(cfg.data, global_batch_size=cfg.eval_batch_size)
-    results.update({f'{prefix}/{k}': x for k, x in evaluate(eval_steps[step_key], v, batches, mesh).items()})
+    metrics = evaluate(eval_steps[step_key], v, batches, mesh)
+    results.update({f'{prefix}/{k}': x for k, x in metrics.items()})
   return results
 
 
-def run_evaluations(cfg, *, mesh, model, state: TrainState, eval_step, source, eval_cache: dict) -> dict[str, float]:
+def run_evaluations(cfg, *, mesh, model, state: TrainState, eval_step, source,
+                    eval_cache: dict) -> dict[str, float]:
   """`evaluate_all` of the training state: raw weights, EMA weights (if kept and cfg.eval_ema)."""
   eval_cache.setdefault('model', eval_step)
   ema = (_variables(state.ema_params, state.ema_batch_stats) if cfg.ema_decay > 0 and cfg.eval_ema

@@ -83,7 +83,8 @@ def test_parameter_counts_match_official(name):
 
 
 def test_one_head_model_is_two_head_model_without_head_dist():
-  one = jax.tree_util.tree_map(lambda a: a.shape, abstract_variables(mv.create_model("repvit_m0_6"), 32))
+  one = jax.tree_util.tree_map(lambda a: a.shape,
+                               abstract_variables(mv.create_model("repvit_m0_6"), 32))
   two = abstract_variables(mv.create_model("repvit_m0_6", distillation=True), 32)
   two = jax.tree_util.tree_map(lambda a: a.shape, _without(two, "head_dist"))
   assert one == two
@@ -216,7 +217,8 @@ def test_fused_model_matches_unfused(ref_name, request):
   # One depthwise 3x3 conv with bias per token mixer, one Linear head.
   tm = fused_v["params"]["stages_2"]["blocks_0"]["token_mixer"]
   assert set(tm) == {"kernel", "bias"} and tm["kernel"].shape == (3, 3, 1, ref.model.widths[2])
-  assert set(fused_v["params"]["head"]) == {"kernel", "bias"} and "head_dist" not in fused_v["params"]
+  assert set(fused_v["params"]["head"]) == {"kernel", "bias"}
+  assert "head_dist" not in fused_v["params"]
   y_fused = jax.jit(lambda v, x: fused_model.apply(v, x))(fused_v, ref.x)
   assert float(jnp.std(ref.logits)) > 0.1                  # the logits are not degenerate
   np.testing.assert_allclose(np.asarray(y_fused), np.asarray(ref.logits), rtol=0, atol=1e-5)
@@ -229,15 +231,16 @@ def test_distillation_outputs(ref_m0_6):
   assert ref_m0_6.logits.shape == (4, 10)
   assert float(jnp.max(jnp.abs(head - head_dist))) > 1e-3     # two different heads ...
   np.testing.assert_allclose(ref_m0_6.logits, (head + head_dist) / 2, rtol=0, atol=1e-6)  # averaged
-  (y_cls, y_dist), _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
+  (y_cls, y_dist), _ = jax.jit(
+      lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
   assert y_cls.shape == y_dist.shape == (4, 10)
   assert float(jnp.max(jnp.abs(y_cls - y_dist))) > 1e-3
   # Without distillation both modes return one array.
   single = mv.create_model("repvit_m0_6", num_classes=10)
   v1 = _without(v, "head_dist")
   for train in (True, False):
-    out = jax.eval_shape(
-        lambda v, x, train=train: single.apply(v, x, train=train, mutable=["batch_stats"])[0], v1, x)
+    apply = lambda v, x, train=train: single.apply(v, x, train=train, mutable=["batch_stats"])[0]
+    out = jax.eval_shape(apply, v1, x)
     assert out.shape == (4, 10)
 
 
@@ -250,7 +253,8 @@ def test_features_only_returns_stage_outputs(ref_m0_6):
   assert (jax.tree_util.tree_map(lambda a: a.shape, shapes)
           == jax.tree_util.tree_map(lambda a: a.shape, backbone))
   feats = jax.jit(lambda v, x: feats_model.apply(v, x, train=False))(backbone, x)
-  assert [f.shape for f in feats] == [(4, 16, 16, 40), (4, 8, 8, 80), (4, 4, 4, 160), (4, 2, 2, 320)]
+  assert [f.shape for f in feats] == [(4, 16, 16, 40), (4, 8, 8, 80), (4, 4, 4, 160),
+                                      (4, 2, 2, 320)]
   # Each feature is its stage's output; the pre-block belongs to the *next* stage's downsample
   # (the PyTorch test checks these against the official detection out_indices).
   for i, f in enumerate(feats):
@@ -289,7 +293,8 @@ def _torch_logits(model, x):
 
 def _load_strict(torch_model, sd):
   import torch
-  sd = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v)) for k, v in sd.items()}
+  sd = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v))
+        for k, v in sd.items()}
   torch_model.load_state_dict(sd, strict=True)
   return torch_model
 
@@ -306,8 +311,9 @@ class _Official:
     self.sd = self.torch_model.state_dict()
     self.variables = from_torch_state_dict(self.name, self.sd, distillation=True)
     model = mv.create_model(self.name, distillation=True)
-    self.logits, state = jax.jit(lambda v, x: model.apply(v, x, train=False, capture_intermediates=True))(
-        self.variables, _nhwc(self.x))
+    self.logits, state = jax.jit(
+        lambda v, x: model.apply(v, x, train=False, capture_intermediates=True))(
+            self.variables, _nhwc(self.x))
     self.stage_outputs = [state["intermediates"][f"stages_{i}"]["__call__"][0] for i in range(4)]
 
 
@@ -362,7 +368,8 @@ def test_file_round_trip(official, tmp_path, suffix, torch_ref):
     ckpt = torch.load(path, weights_only=True)
     assert set(ckpt) == {"model"}
     fresh = _load_strict(R.RepViT(official.name, distillation=True), ckpt["model"])
-    np.testing.assert_allclose(_torch_logits(fresh, official.x), official.torch_logits, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(_torch_logits(fresh, official.x), official.torch_logits,
+                               rtol=0, atol=1e-6)
   back = from_torch_state_dict(official.name, load_state_dict(path), distillation=True)
   assert_same_tree(back, official.variables)
 
@@ -375,7 +382,8 @@ def test_fused_official_layout(official, torch_ref):
   torch_fused = R.fuse_model(official.torch_model)
   assert list(sd) == list(torch_fused.state_dict())
   fresh = _load_strict(R.fuse_model(R.RepViT(official.name, distillation=True)), sd)
-  np.testing.assert_allclose(_torch_logits(fresh, official.x), official.torch_logits, rtol=0, atol=ATOL)
+  np.testing.assert_allclose(_torch_logits(fresh, official.x), official.torch_logits,
+                             rtol=0, atol=ATOL)
   # The official fused checkpoint imports into the fused JAX model (the same arrays as our fuse).
   imported = from_torch_state_dict(official.name, torch_fused.state_dict(), fused=True)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -383,7 +391,7 @@ def test_fused_official_layout(official, torch_ref):
 
 
 def test_official_to_timm_layout_via_jax(official):
-  """Official checkpoint -> JAX -> timm layout loads strictly into timm and gives the same logits."""
+  """Official checkpoint -> JAX -> timm layout: loads strictly into timm, same logits."""
   from timm.models.repvit import RepVit
   timm_model = RepVit(embed_dim=(40, 80, 160, 320), depth=(1, 1, 8, 1), distillation=True)
   sd = to_torch_state_dict(official.name, official.variables, layout="timm", distillation=True)
@@ -400,7 +408,8 @@ def test_timm_legacy_both_directions(torch_ref):
   torch, R = torch_ref
   import timm
   name = "repvit_m1"
-  timm_model = R.randomize_(timm.create_model(name, pretrained=False, distillation=False), seed=4).eval()
+  timm_model = timm.create_model(name, pretrained=False, distillation=False)
+  timm_model = R.randomize_(timm_model, seed=4).eval()
   x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
   expected = _torch_logits(timm_model, x)
   variables = from_torch_state_dict(name, timm_model.state_dict(), layout="timm")

@@ -157,7 +157,8 @@ class RefMobileViG(nn.Module):
                                         RefFFN(global_channels, 4 * global_channels, rates[idx])))
       idx += 1
     self.backbone = nn.ModuleList(graph_blocks)
-    self.prediction = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(global_channels, emb_dims, 1),
+    self.prediction = nn.Sequential(nn.AdaptiveAvgPool2d(1),
+                                    nn.Conv2d(global_channels, emb_dims, 1),
                                     nn.BatchNorm2d(emb_dims), nn.GELU(), nn.Dropout(0.0))
     self.head = nn.Conv2d(emb_dims, num_classes, 1)
     if distillation:

@@ -191,7 +191,7 @@ class Bottleneck(nn.Module):
 
 
 class ParCBottleneck(Bottleneck):
-    """Bottleneck whose 3x3 conv is replaced by a dense ParC-H / ParC-W pair (official `ParC_block`)."""
+    """Bottleneck whose 3x3 conv is a dense ParC-H / ParC-W pair (official `ParC_block`)."""
 
     def __init__(self, inplanes: int, planes: int, kernel_size: int, resample: bool = False):
         nn.Module.__init__(self)
@@ -267,7 +267,8 @@ class InvertedResidual(nn.Module):
 
 
 class ParCInvertedResidual(nn.Module):
-    """Inverted residual whose depthwise 3x3 is a ParC-H / ParC-W pair (official `InvertedResidual_parc`)."""
+    """Inverted residual whose depthwise 3x3 is a ParC-H / ParC-W pair (official
+    `InvertedResidual_parc`)."""
 
     def __init__(self, inp: int, oup: int, expand_ratio: int, kernel_size: int, use_pe: bool,
                  resample: bool = False):

@@ -128,7 +128,8 @@ class ParCBlock(nn.Module):
       x1 = x1 + self._resize(self.meta_pe_1_H, n, True).expand(1, self.dim, n, n)
       x2 = x2 + self._resize(self.meta_pe_1_W, n, False).expand(1, self.dim, n, n)
     y1 = circular_conv_nchw(self.pre_Norm_1(x1), self._resize(self.meta_kernel_1_H, n, True), True)
-    y2 = circular_conv_nchw(self.pre_Norm_2(x2), self._resize(self.meta_kernel_1_W, n, False), False)
+    y2 = circular_conv_nchw(self.pre_Norm_2(x2), self._resize(self.meta_kernel_1_W, n, False),
+                            False)
     if self.use_pe:
       y1 = y1 + self._resize(self.meta_pe_2_W, n, False).expand(1, self.dim, n, n)
       y2 = y2 + self._resize(self.meta_pe_2_H, n, True).expand(1, self.dim, n, n)
@@ -147,7 +148,8 @@ class OuterFrame(nn.Module):
     g = math.gcd(cs, c)
     self.dim_adaptive = nn.Sequential(ConvLayer(c, cs, 3, groups=g),
                                       ConvLayer(cs, cs, 1, norm=False, act=False))
-    blocks = [ParCBlock(cs // 2, meta_kernel_size, ffn_dim, use_pe=(i == 0)) for i in range(n_blocks)]
+    blocks = [ParCBlock(cs // 2, meta_kernel_size, ffn_dim, use_pe=(i == 0))
+              for i in range(n_blocks)]
     self.spatial_global_rep = nn.Sequential(*blocks, nn.BatchNorm2d(cs))
     self.channel_adaptive = ConvLayer(cs, c, 1, groups=g)
     self.local_global_fusion = ConvLayer(c if fusion == "add" else 2 * c, c, 3)
@@ -185,7 +187,8 @@ class ParCNetRef(nn.Module):
     exp = min(4 * cin, 960)
     self.conv_1x1_exp = ConvLayer(cin, exp, 1)
     self.classifier = nn.Sequential(OrderedDict([
-        ("global_pool", GlobalPool()), ("dropout", nn.Dropout(0.2)), ("fc", nn.Linear(exp, num_classes))]))
+        ("global_pool", GlobalPool()), ("dropout", nn.Dropout(0.2)),
+        ("fc", nn.Linear(exp, num_classes))]))
 
   def forward_features(self, x):
     feats = []
