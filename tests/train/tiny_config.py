@@ -12,9 +12,11 @@ def get_config():
   c.model = 'trainer_test_tiny_cnn'
   c.data.name = 'synthetic'
   c.data.image_size = 16
-  c.data.synthetic_num_classes = 10
-  c.data.synthetic_num_train = 512
-  c.data.synthetic_num_eval = 64
+  with c.data.unlocked():  # the synthetic source's knobs (mobilevis_jax/train/synthetic.py)
+    c.data.synthetic_num_classes = 10
+    c.data.synthetic_num_train = 512
+    c.data.synthetic_num_eval = 64
+    c.data.synthetic_nan_step = -1
   c.global_batch_size = 16
   c.num_train_steps = 24
   c.eval_batch_size = 32

@@ -1,6 +1,7 @@
 """Subprocess entry point of the trainer tests (a fresh process per device count / process id).
 
     python tests/train/worker.py train [mobilevis train flags]      # the CLI with the tiny model registered
+        (MOBILEVIS_TEST_STEP_SLEEP=s sleeps s seconds after every step, so a test can kill it mid-run)
     python tests/train/worker.py dp OUT.json                        # 1 vs N-device step comparison
 """
 
@@ -80,6 +81,13 @@ if __name__ == '__main__':
   mode, rest = sys.argv[1], sys.argv[2:]
   if mode == 'train':
     from mobilevis_jax.train.main import main
+    sleep = float(os.environ.get('MOBILEVIS_TEST_STEP_SLEEP', '0'))
+    if sleep:
+      import functools
+      import time
+      from mobilevis_jax.train import train
+      train.train_and_evaluate = functools.partial(train.train_and_evaluate,
+                                                   on_step=lambda step: time.sleep(sleep))
     sys.exit(main(rest))
   elif mode == 'dp':
     data_parallel(rest[0])
