@@ -8,8 +8,9 @@ DeiT/ConvNeXt 22K -> 1K fine-tunes, no warm-up, timm's per-epoch cosine).
 Hardware: 8 accelerators, 1024 images per step.
 
 Layer-wise lr decay: layers are timm's GhostNet `group_matcher` (fine): the stem (conv_stem, bn1)
-is layer 0, every block `blocks.i.j` one layer in order, conv_head and the classifier the last;
-layer i of L trains at lr x 0.5 ** (L - 1 - i) (`optimizer.layer_decay_groups`).
+is layer 0, every block `blocks.i.j` one layer in order (conv_head shares the last block's), the
+classifier the last; layer i of L = 19 trains at lr x 0.5 ** (L - 1 - i)
+(`optimizer.layer_decay_groups`; tested against timm's param_groups_layer_decay).
 
 Run (prepare the data once; the 22K run's work directory is the starting point):
   mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS --data-dir ~/tensorflow_datasets
@@ -30,8 +31,9 @@ repeated augmentation.
 from mobilevis_jax.data.config import imagenet_deit_config
 from mobilevis_jax.train.config import base_config, parse_arg
 
-# timm ghostnet group_matcher(coarse=False): stem, blocks.i.j, conv_head (then the classifier).
-GHOSTNET_LAYERS = (r'^(conv_stem|bn1)/', r'^blocks_(\d+)_(\d+)/', r'^conv_head/')
+# timm ghostnet group_matcher(coarse=False): stem, blocks.i.j, conv_head joining the last block
+# ('+', timm's MATCH_PREV_GROUP), then the classifier.
+GHOSTNET_LAYERS = (r'^(?:conv_stem|bn1)/', r'^blocks_(\d+)_(\d+)/', r'+^conv_head/')
 
 
 def get_config(arg=None):

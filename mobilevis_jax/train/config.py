@@ -93,8 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Layer-wise lr decay (BEiT / timm param_groups_layer_decay): 0 = off. Layer ids come from
   # `layer_decay_groups`, regexes over '/'-joined parameter paths tried in order: a parameter's
   # layer is (index of the first matching regex, its captured integers), layers numbered in that
-  # order; unmatched parameters are the last layer (the classifier). lr multiplier of layer i of
-  # L: layer_decay ** (L - 1 - i).
+  # order ('+regex' joins the layer before it); unmatched parameters are one more, last layer (the
+  # classifier). lr multiplier of layer i of L: layer_decay ** (L - 1 - i).
   c.optimizer.layer_decay = 0.0
   c.optimizer.layer_decay_groups = ()
 

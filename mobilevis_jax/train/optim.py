@@ -225,31 +225,39 @@ def adaptive_grad_clip(clip_factor: float, eps: float = 1e-3) -> optax.GradientT
 def layer_decay_multipliers(params: Any, decay: float, groups: Sequence[str]) -> Any:
   """Per-leaf lr multipliers of layer-wise lr decay (timm `param_groups_layer_decay` semantics).
 
-  A leaf's layer is the ordinal (index of the first regex of `groups` that its '/'-joined path
-  matches, then the integers that regex captures); the distinct ordinals, sorted, number the
-  layers 0 .. L-1, and unmatched leaves (the classifier) are layer L-1 as in timm
-  (`layer_map.get(name, layer_max)`). Layer i gets decay ** (L - 1 - i), so the last layer trains
-  at the full lr.
+  A leaf's ordinal is (index of the first regex of `groups` that its '/'-joined path matches,
+  then the integers that regex captures); the distinct ordinals, sorted, number the layers. A
+  regex written with a leading '+' joins the layer before it (timm's MATCH_PREV_GROUP, e.g.
+  GhostNet's conv_head shares the last block's layer). Unmatched leaves (the classifier) form one
+  more, last layer, as timm's `group_with_matcher` maps them to the largest ordinal. Layer i of L
+  gets decay ** (L - 1 - i), so the last layer trains at the full lr.
   """
-  compiled = [re.compile(g) for g in groups]
+  joins_prev = [g.startswith('+') for g in groups]
+  compiled = [re.compile(g[1:] if j else g) for g, j in zip(groups, joins_prev)]
   keys = {}
   for path, _ in jax.tree_util.tree_leaves_with_path(params):
     name = path_string(path)
     for i, c in enumerate(compiled):
       m = c.search(name)
       if m:
-        keys[name] = (i,) + tuple(int(x) for x in m.groups() if x is not None)
+        try:
+          keys[name] = (i,) + tuple(int(x) for x in m.groups() if x is not None)
+        except ValueError:
+          raise ValueError(f'optimizer.layer_decay_groups regex {groups[i]!r} captured a non-integer '
+                           f'in {name!r}: capture only layer numbers (use (?:...) otherwise)') from None
         break
-  ordinals = sorted(set(keys.values()))
-  layer_of = {o: i for i, o in enumerate(ordinals)}
-  # As timm: num_layers = max(matched layer id) + 1 and unmatched leaves take layer_max, i.e.
-  # they share the last matched group's multiplier (1).
-  last = max(len(ordinals) - 1, 0)
+  layer_of, layer = {}, -1
+  for o in sorted(set(keys.values())):
+    if layer < 0 or not joins_prev[o[0]]:
+      layer += 1
+    layer_of[o] = layer
+  # As timm's group_with_matcher: unmatched leaves (the classifier) form one more, last group.
+  unmatched = any(path_string(p) not in keys for p, _ in jax.tree_util.tree_leaves_with_path(params))
+  last = layer + (1 if unmatched else 0)
 
   def mult(path, leaf):
     del leaf
-    layer = layer_of.get(keys.get(path_string(path)), last)
-    return float(decay) ** (last - layer)
+    return float(decay) ** (last - layer_of.get(keys.get(path_string(path)), last))
 
   return jax.tree_util.tree_map_with_path(mult, params)
 
