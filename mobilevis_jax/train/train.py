@@ -466,6 +466,10 @@ def load_teacher(cfg: ml_collections.ConfigDict, num_classes: int, image_size: i
   kwargs = dict(meta.get('model_kwargs', {}))
   kwargs.update(dcfg.teacher_model_kwargs.to_dict())
   kwargs.setdefault('num_classes', num_classes)
+  if int(kwargs['num_classes']) != int(num_classes):
+    raise ConfigError(f'the teacher {name} in {dcfg.teacher_checkpoint} predicts {kwargs["num_classes"]} '
+                      f'classes and the student {num_classes}: distil from a teacher of the same label '
+                      'set (or set num_classes / distillation.teacher_model_kwargs.num_classes)')
   model = build_model(name, kwargs, 'distillation.teacher_model')
   from mobilevis_jax.models.registry import abstract_variables  # pylint: disable=import-outside-toplevel
   expected = _flat(dict(abstract_variables(model, image_size)))
