@@ -22,6 +22,7 @@ def get_config():
   c.eval_batch_size = 32
   c.eval_every_epochs = 0.0
   c.optimizer.base_lr = 3e-3
+  c.optimizer.schedule_unit = 'step'   # a 24-step run: per-step warm-up and cosine
   c.optimizer.warmup_steps = 4
   c.optimizer.weight_decay = 0.05
   c.ema_decay = 0.9
