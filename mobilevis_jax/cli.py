@@ -5,6 +5,7 @@
     mobilevis import --model NAME --weights FILE --layout official|timm --out DIR
     mobilevis data prepare|stats ...                          TFDS datasets (mobilevis_jax.data.cli)
     mobilevis train|eval ...                                  the trainer (mobilevis_jax.train.main)
+    mobilevis average (--checkpoints DIR ... | --workdir DIR --k K) --out DIR   mean of checkpoints
 
 Subcommands that only dispatch import their module lazily, so ``mobilevis zoo`` does not pay for
 TensorFlow.
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_import)
 
   for name, help_ in (("data", "prepare and inspect TFDS datasets"), ("train", "train a model"),
-                      ("eval", "evaluate a checkpoint")):
+                      ("eval", "evaluate a checkpoint"),
+                      ("average", "average checkpoints (e.g. the k best EMA ones of a run)")):
     sub.add_parser(name, help=help_, add_help=False)
   return parser
 
@@ -112,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
   if argv and argv[0] == "eval":
     from mobilevis_jax.train.main import eval_main
     return eval_main(argv[1:])
+  if argv and argv[0] == "average":
+    from mobilevis_jax.train.best import average_main
+    return average_main(argv[1:])
   args = build_parser().parse_args(argv)
   return args.func(args)
 

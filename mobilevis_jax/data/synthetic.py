@@ -1,6 +1,9 @@
 """A synthetic data source with the input pipeline's interface, for trainer tests and benchmarks.
 
-`data.name = 'synthetic'` selects it. Each global batch is a pure function of (seed, step), so it
+`data.name = 'synthetic'` selects it. Its knobs are optional fields a test config adds to its data
+section (`synthetic_num_classes`, `synthetic_num_train`, `synthetic_num_eval`, and
+`synthetic_nan_step`, the step whose batch is NaN); production configs do not carry them. Each
+global batch is a pure function of (seed, step), so it
 is identical for any number of processes and after any restart, and each process keeps its own
 contiguous slice, exactly as `mobilevis_jax.data.pipeline` promises. Images are class-dependent
 noisy patterns, so a model can actually learn them.
@@ -23,6 +26,14 @@ def _images(rng: np.random.Generator, labels: np.ndarray, size: int,
   return templates[labels] + noise
 
 
+def _knob(cfg, name: str):
+  return cfg.get(name, _DEFAULTS[name])
+
+
+_DEFAULTS = {'synthetic_num_classes': 10, 'synthetic_num_train': 512, 'synthetic_num_eval': 128,
+             'synthetic_nan_step': -1}
+
+
 def _process(process_index, process_count):
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
@@ -30,7 +41,8 @@ def _process(process_index, process_count):
 
 
 def train_iterator(cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
-                   process_index=None, process_count=None) -> Iterator[dict]:
+                   process_index=None, process_count=None, num_devices=None) -> Iterator[dict]:
+  del num_devices  # uniform batches: the device layout does not change what is drawn
   pi, pc = _process(process_index, process_count)
   if global_batch_size % pc:
     raise ValueError(f'global batch {global_batch_size} is not divisible by {pc} processes')
@@ -38,9 +50,9 @@ def train_iterator(cfg, *, global_batch_size: int, seed: int, start_step: int = 
   step = start_step
   while True:
     rng = np.random.default_rng([seed, step])
-    labels = rng.integers(0, cfg.synthetic_num_classes, size=global_batch_size).astype(np.int32)
-    images = _images(rng, labels, cfg.image_size, cfg.synthetic_num_classes)
-    if step == cfg.get('synthetic_nan_step', -1):
+    labels = rng.integers(0, _knob(cfg, 'synthetic_num_classes'), size=global_batch_size).astype(np.int32)
+    images = _images(rng, labels, cfg.image_size, _knob(cfg, 'synthetic_num_classes'))
+    if step == _knob(cfg, 'synthetic_nan_step'):
       images[:] = np.nan
     sl = slice(pi * local, (pi + 1) * local)
     yield {'image': images[sl], 'label': labels[sl]}
@@ -53,10 +65,10 @@ def eval_iterator(cfg, *, global_batch_size: int, process_index=None,
   if global_batch_size % pc:
     raise ValueError(f'eval batch {global_batch_size} is not divisible by {pc} processes')
   local = global_batch_size // pc
-  n = cfg.synthetic_num_eval
+  n = _knob(cfg, 'synthetic_num_eval')
   rng = np.random.default_rng([10_000_019])
-  labels = rng.integers(0, cfg.synthetic_num_classes, size=n).astype(np.int32)
-  images = _images(rng, labels, cfg.image_size, cfg.synthetic_num_classes)
+  labels = rng.integers(0, _knob(cfg, 'synthetic_num_classes'), size=n).astype(np.int32)
+  images = _images(rng, labels, cfg.image_size, _knob(cfg, 'synthetic_num_classes'))
   for start in range(0, n, global_batch_size):
     img = np.zeros((global_batch_size,) + images.shape[1:], np.float32)
     lab = np.zeros((global_batch_size,), np.int32)
@@ -69,6 +81,6 @@ def eval_iterator(cfg, *, global_batch_size: int, process_index=None,
 
 
 def dataset_info(cfg) -> dict:
-  return {'num_classes': int(cfg.synthetic_num_classes),
-          'splits': {cfg.train_split: int(cfg.synthetic_num_train),
-                     cfg.eval_split: int(cfg.synthetic_num_eval)}}
+  return {'num_classes': int(_knob(cfg, 'synthetic_num_classes')),
+          'splits': {cfg.train_split: int(_knob(cfg, 'synthetic_num_train')),
+                     cfg.eval_split: int(_knob(cfg, 'synthetic_num_eval'))}}

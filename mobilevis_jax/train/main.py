@@ -1,10 +1,13 @@
 """`mobilevis train` and `mobilevis eval`: flags only; the work happens in train.py.
 
-    mobilevis train [--config experiments/configs/NAME.py] --workdir DIR [--config.key=value ...]
-    mobilevis eval  --config experiments/configs/NAME.py --checkpoint DIR [--config.key=value ...]
+    mobilevis train [--config NAME[:ARG] | PATH.py[:ARG]] --workdir DIR [--config.key=value ...]
+    mobilevis eval  --config NAME[:ARG] --checkpoint DIR [--config.key=value ...]
 
-Without --config the default recipe (mobilevis_jax/train/default_config.py, the embedded digits
-dataset) is used. Overrides use the config's own types; an unknown key is an error naming it.
+NAME is a packaged recipe (`mobilevis_jax/configs/NAME.py`: repvit_m1_1_in1k, mobilevig_s_in1k,
+parcnet_s_in1k, parameternet_600m_in22k, parameternet_600m_in22k_ft_in1k, default); ARG is passed
+to its `get_config(ARG)`, e.g. `repvit_m1_1_in1k:runlocal` for the laptop-sized smoke version.
+Without --config the default recipe (the embedded digits dataset) is used. Overrides use the
+config's own types; an unknown key is an error naming it (`model_kwargs.*` keys are free).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def _parse(argv, prog: str, checkpoint: bool):
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n\n')[0])
   parser.add_argument('--config', default=None,
-                      help='ml_collections config file (default: the digits recipe)')
+                      help='packaged recipe name or config file, optionally :ARG (default: the digits recipe)')
   if checkpoint:
     parser.add_argument('--checkpoint', required=True,
                         help='variables checkpoint (mobilevis import) or training work directory')
@@ -75,7 +78,7 @@ def _run(argv: list[str] | None, command: str, work: Callable[..., dict]) -> int
   except train.NonFiniteLossError as e:
     print(f'{prog}: stopped: {e}', file=sys.stderr)
     return 3
-  except FileNotFoundError as e:
+  except (train.ConfigError, FileNotFoundError) as e:
     print(f'{prog}: error: {e}', file=sys.stderr)
     return 2
   if jax.process_index() == 0:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
+import signal
 import time
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -24,6 +26,7 @@ import ml_collections
 import optax
 
 import mobilevis_jax
+from mobilevis_jax.train import best as best_lib
 from mobilevis_jax.train import checkpoint as ckpt_lib
 from mobilevis_jax.train import distributed, metrics_log, optim
 # Re-exported: the step's names are part of this module's API (tests, benchmarks, notebooks).
@@ -37,6 +40,10 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
   """Raised when a step produced a NaN/Inf loss; the message is the diagnostic."""
+
+
+class ConfigError(ValueError):
+  """A run that cannot work as configured, found before the first step; says what to change."""
 
 
 def evaluate(eval_step, variables, batches: Iterator[dict], mesh) -> dict[str, float]:
@@ -143,21 +150,122 @@ def run_evaluations(cfg, *, mesh, model, state: TrainState, eval_step, source,
                       eval_steps=eval_cache)
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, float]:
+def check_batch_layout(cfg: ml_collections.ConfigDict, n_devices: int) -> None:
+  """Raises ValueError, saying what to change, when the batches cannot be split over the mesh."""
+  for key in ('global_batch_size', 'eval_batch_size'):
+    b = int(cfg[key])
+    if b < n_devices or b % n_devices:
+      lo = max(n_devices, b - b % n_devices)
+      raise ConfigError(
+          f'{key}={b} cannot be split over the {n_devices} devices: it must be a positive multiple '
+          f'of {n_devices}; set --config.{key}={lo}' + (f' or {lo + n_devices}' if lo != b else '')
+          + ' (or run on fewer devices)')
+
+
+def epoch_layout(cfg: ml_collections.ConfigDict, source, info: dict, global_batch_size: int,
+                 n_devices: int) -> tuple[int, int, np.ndarray | None]:
+  """(steps per epoch, total steps, epoch starts or None) of the run, as its sampler defines them.
+
+  The sampler owns what an epoch is (`data.train_schedule`): one pass of global batches for the
+  plain stream, DeiT's RASampler length for repeated augmentation, one pass over the data through
+  cvnets' variable-batch sampler for multi-scale (epochs of unequal length: their first steps go
+  to the lr schedule). `num_train_steps > 0` overrides the total.
+  """
+  num_examples = int(info['splits'][cfg.data.train_split])
+  if not hasattr(source, 'train_schedule'):  # e.g. the synthetic source: a plain stream
+    steps_per_epoch = max(num_examples // global_batch_size, 1)
+    total = int(math.ceil(cfg.num_epochs * steps_per_epoch))
+    starts = None
+  else:
+    sched = source.train_schedule(cfg.data, num_examples=num_examples,
+                                  global_batch_size=global_batch_size, num_devices=n_devices,
+                                  seed=int(cfg.seed), num_epochs=max(int(math.ceil(cfg.num_epochs)), 1))
+    if sched.sampler == 'variable_batch':
+      starts = sched.epoch_starts
+      steps_per_epoch = max(int(round(float(np.mean(sched.epoch_steps)))), 1)
+      total = int(sched.total_steps)
+    else:
+      starts = None
+      steps_per_epoch = int(sched.epoch_steps[0])
+      total = int(math.ceil(cfg.num_epochs * steps_per_epoch))
+  if cfg.num_train_steps > 0:
+    total = int(cfg.num_train_steps)
+  return steps_per_epoch, total, starts
+
+
+def build_model(name: str, kwargs: dict, what: str = 'model') -> nn.Module:
+  """`create_model(name, **kwargs)` with a config-level error for an unknown name or kwarg."""
+  if name not in mobilevis_jax.list_models():
+    close = [m for m in mobilevis_jax.list_models() if m.split('_')[0] == name.split('_')[0]][:8]
+    raise ConfigError(f'{what} {name!r} is not a registered model' +
+                     (f' (same family: {", ".join(close)})' if close else ''))
+  try:
+    return mobilevis_jax.create_model(name, **kwargs)
+  except TypeError as e:
+    section = 'model_kwargs' if what == 'model' else 'distillation.teacher_model_kwargs'
+    raise ConfigError(f'{what} {name!r} does not accept {section} {sorted(kwargs)}: {e}') from None
+
+
+def load_teacher(cfg: ml_collections.ConfigDict, num_classes: int, image_size: int):
+  """(teacher model, host variables) for hard distillation, checked against the teacher model.
+
+  The checkpoint must hold the model `distillation.teacher_model` names (when set), with every
+  variable of the shape that model has: a wrong teacher fails here, before the first step.
+  """
+  dcfg = cfg.distillation
+  if not dcfg.teacher_checkpoint:
+    raise ConfigError('distillation.type=hard needs distillation.teacher_checkpoint (a directory '
+                     'written by `mobilevis import`, e.g. of regnety_160)')
+  variables, meta = ckpt_lib.restore_variables(dcfg.teacher_checkpoint)
+  saved = meta.get('model_name')
+  if dcfg.teacher_model and saved and saved != dcfg.teacher_model:
+    raise ConfigError(f'distillation.teacher_checkpoint {dcfg.teacher_checkpoint} holds {saved!r}, '
+                     f'but distillation.teacher_model={dcfg.teacher_model!r}: point the checkpoint '
+                     f'at a {dcfg.teacher_model} import, or set --config.distillation.teacher_model={saved}')
+  name = dcfg.teacher_model or saved
+  if not name:
+    raise ConfigError('set distillation.teacher_model (the teacher checkpoint does not name its model)')
+  kwargs = dict(meta.get('model_kwargs', {}))
+  kwargs.update(dcfg.teacher_model_kwargs.to_dict())
+  kwargs.setdefault('num_classes', num_classes)
+  if int(kwargs['num_classes']) != int(num_classes):
+    raise ConfigError(f'the teacher {name} in {dcfg.teacher_checkpoint} predicts {kwargs["num_classes"]} '
+                      f'classes and the student {num_classes}: distil from a teacher of the same label '
+                      'set (or set num_classes / distillation.teacher_model_kwargs.num_classes)')
+  model = build_model(name, kwargs, 'distillation.teacher_model')
+  from mobilevis_jax.models.registry import abstract_variables  # pylint: disable=import-outside-toplevel
+  expected = _flat(dict(abstract_variables(model, image_size)))
+  got = _flat(dict(variables))
+  problems = [f'missing {k}' for k in expected if k not in got]
+  problems += [f'{k}: checkpoint {tuple(np.shape(got[k]))} vs {name} {tuple(expected[k].shape)}'
+               for k in expected if k in got and tuple(np.shape(got[k])) != tuple(expected[k].shape)]
+  problems += [f'unexpected {k}' for k in got if k not in expected]
+  if problems:
+    raise ConfigError(f'distillation.teacher_checkpoint {dcfg.teacher_checkpoint} does not hold a '
+                     f'{name} with {kwargs}: ' + '; '.join(problems[:8]) +
+                     (' ...' if len(problems) > 8 else '') +
+                     ' (wrong teacher model, or teacher_model_kwargs such as num_classes)')
+  return model, variables
+
+
+def _host_variables(params, batch_stats):
+  return distributed.to_host(_variables(params, batch_stats))
+
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None,
+                       on_step: Callable[[int], None] | None = None) -> dict[str, float]:
   """Trains `cfg` in `workdir` (resuming from its newest readable checkpoint) and evaluates.
 
   Returns the final metrics (the last eval plus 'step'). Raises NonFiniteLossError on a NaN/Inf
-  loss, after making sure the checkpoints already written are complete.
+  loss, after making sure the checkpoints already written are complete. `on_step(step)` is called
+  after every step (e.g. a progress hook).
   """
   from mobilevis_jax import data  # here, not at the top: TensorFlow loads only when a run starts
 
   mesh = distributed.make_data_mesh(devices)
   n_devices = mesh.devices.size
   gbs = int(cfg.global_batch_size)
-  if gbs % n_devices:
-    raise ValueError(f'global_batch_size={gbs} is not divisible by the {n_devices} devices')
-  if cfg.eval_batch_size % n_devices:
-    raise ValueError(f'eval_batch_size={cfg.eval_batch_size} is not divisible by the {n_devices} devices')
+  check_batch_layout(cfg, n_devices)
   is_main = jax.process_index() == 0
 
   # --- input ---
@@ -166,16 +274,18 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
   num_classes = cfg.num_classes if cfg.num_classes > 0 else int(info['num_classes'])
   if cfg.data.train_split not in info['splits']:
     raise ValueError(f"train split {cfg.data.train_split!r} not in dataset splits {list(info['splits'])}")
-  steps_per_epoch = max(int(info['splits'][cfg.data.train_split]) // gbs, 1)
-  total_steps = int(cfg.num_train_steps) if cfg.num_train_steps > 0 else int(math.ceil(cfg.num_epochs * steps_per_epoch))
+  steps_per_epoch, total_steps, epoch_starts = epoch_layout(cfg, source, info, gbs, n_devices)
   eval_every = int(round(cfg.eval_every_epochs * steps_per_epoch)) if cfg.eval_every_epochs > 0 else 0
 
   # --- model and optimiser ---
   model_kwargs = dict(cfg.model_kwargs.to_dict()) if hasattr(cfg.model_kwargs, 'to_dict') else dict(cfg.model_kwargs)
-  model = mobilevis_jax.create_model(cfg.model, num_classes=num_classes, **model_kwargs)
+  model = build_model(cfg.model, {'num_classes': num_classes, **model_kwargs})
   rng = jax.random.PRNGKey(cfg.seed)
   init_rng, state_rng = jax.random.split(rng)
   image_size = int(cfg.data.image_size)
+  teacher_model, teacher_vars = None, {}
+  if cfg.distillation.type == 'hard':  # checked before the (expensive) student initialisation
+    teacher_model, teacher_vars = load_teacher(cfg, num_classes, image_size)
   variables = jax.jit(functools.partial(init_variables, model, image_size=image_size))(init_rng)
   if cfg.init_from:
     loaded, meta = ckpt_lib.restore_variables(cfg.init_from)
@@ -183,7 +293,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
       log.warning('init_from holds %s, training %s', meta.get('model_name'), cfg.model)
     variables = ckpt_lib.merge_pretrained(variables, loaded, tuple(cfg.init_exclude))
   schedule = optim.learning_rate_schedule(cfg.optimizer, global_batch_size=gbs,
-                                          steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+                                          steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                                          epoch_starts=epoch_starts)
   tx = optim.make_optimizer(cfg.optimizer, schedule, variables['params'])
   opts = StepOptions.from_config(cfg, num_classes)
   replicated = distributed.replicated(mesh)
@@ -191,19 +302,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
                   out_shardings=replicated)(variables, rng=state_rng)
   del variables
 
-  # --- teacher ---
-  teacher_model, teacher_vars = None, {}
-  if cfg.distillation.type == 'hard':
-    if not cfg.distillation.teacher_checkpoint:
-      raise ValueError('distillation.type=hard needs distillation.teacher_checkpoint')
-    teacher_vars, tmeta = ckpt_lib.restore_variables(cfg.distillation.teacher_checkpoint)
-    tname = cfg.distillation.teacher_model or tmeta.get('model_name')
-    if not tname:
-      raise ValueError('set distillation.teacher_model (the teacher checkpoint does not name its model)')
-    tkwargs = dict(tmeta.get('model_kwargs', {}))
-    tkwargs.update(cfg.distillation.teacher_model_kwargs.to_dict())
-    tkwargs.setdefault('num_classes', num_classes)
-    teacher_model = mobilevis_jax.create_model(tname, **tkwargs)
+  if teacher_model is not None:
     teacher_vars = distributed.replicate(dict(teacher_vars), mesh)
 
   # --- checkpoint: auto-resume ---
@@ -225,7 +324,18 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
   writer = metrics_log.MetricWriter(workdir, tensorboard=cfg.tensorboard)
   bar = metrics_log.ProgressBar(total=total_steps, initial=start_step, batch_size=gbs, enabled=cfg.progress_bar)
   meta_base = {'model_name': cfg.model, 'model_kwargs': {'num_classes': num_classes, **model_kwargs}}
-  train_iter = source.train_iterator(cfg.data, global_batch_size=gbs, seed=cfg.seed, start_step=start_step)
+  train_iter = source.train_iterator(cfg.data, global_batch_size=gbs, seed=cfg.seed,
+                                     start_step=start_step, num_devices=n_devices)
+  tracker = (best_lib.BestTracker(workdir, keep_best_ema=cfg.keep_best_ema, meta=meta_base)
+             if cfg.track_best else None)
+
+  def track(step_no: int, res: dict) -> dict:
+    """Adds best/* to `res` (and saves the best variables) when best tracking is on."""
+    if tracker is None:
+      return res
+    ema = (_host_variables(state.ema_params, state.ema_batch_stats)
+           if cfg.ema_decay > 0 and 'eval_ema/top1' in res else None)
+    return {**res, **tracker.update(step_no, res, _host_variables(state.params, state.batch_stats), ema)}
 
   pending: list[tuple[int, dict]] = []
   results: dict[str, float] = {}
@@ -255,8 +365,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
         state, metrics = train_step(state, batch, teacher_vars)
         step += 1
         pending.append((step, metrics))
-        if cfg.debug_step_sleep:
-          time.sleep(cfg.debug_step_sleep)
+        if on_step is not None:
+          on_step(step)
         if step % cfg.log_every_steps == 0 or step == total_steps:
           last = flush()
           rate = bar.update(step, last[1]['loss'])
@@ -265,8 +375,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
           save(step)
         if eval_every and step % eval_every == 0 and step < total_steps:
           flush()
-          results = run_evaluations(cfg, mesh=mesh, model=model, state=state, eval_step=eval_step,
-                                    source=source, eval_cache=eval_cache)
+          results = track(step, run_evaluations(cfg, mesh=mesh, model=model, state=state,
+                                                eval_step=eval_step, source=source, eval_cache=eval_cache))
           writer.write(step, results)
           bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in results.items() if 'count' not in k))
         if preemption.reached(step):
@@ -277,8 +387,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
       flush()
       if last_good != total_steps:
         save(total_steps, force=True)
-      results = run_evaluations(cfg, mesh=mesh, model=model, state=state, eval_step=eval_step,
-                                source=source, eval_cache=eval_cache)
+      results = track(total_steps, run_evaluations(cfg, mesh=mesh, model=model, state=state,
+                                                   eval_step=eval_step, source=source, eval_cache=eval_cache))
       writer.write(total_steps, results)
       bar.write(f'final (step {total_steps}): ' + ', '.join(f'{k}={v:.4f}' for k, v in results.items() if 'count' not in k))
   finally:

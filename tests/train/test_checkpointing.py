@@ -25,9 +25,10 @@ def _cli(workdir, *overrides):
   return [sys.executable, WORKER, 'train', '--config', CONFIG, '--workdir', str(workdir), *overrides]
 
 
-def _env():
+def _env(**extra):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
   env.pop('XLA_FLAGS', None)
+  env.update(extra)
   return env
 
 
@@ -40,7 +41,7 @@ def test_sigkill_and_restart_matches_uninterrupted_run(tmp_path):
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   ref = subprocess.Popen(_cli(straight), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   # Slow the second run down so it can be killed between checkpoints (every 4 steps of 24).
-  victim = subprocess.Popen(_cli(killed, '--config.debug_step_sleep=0.5'), env=_env(),
+  victim = subprocess.Popen(_cli(killed), env=_env(MOBILEVIS_TEST_STEP_SLEEP='0.5'),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   ckpt_dir = killed / 'checkpoints'
   deadline = time.time() + 400

@@ -1,7 +1,9 @@
 """Subprocess entry point of the trainer tests (a fresh process per device count / process id).
 
     python tests/train/worker.py train [mobilevis train flags]      # the CLI with the tiny model registered
+        (MOBILEVIS_TEST_STEP_SLEEP=s sleeps s seconds after every step, so a test can kill it mid-run)
     python tests/train/worker.py dp OUT.json                        # 1 vs N-device step comparison
+    python tests/train/worker.py recipes OUT.json TMPDIR NAME ...    # 2 steps of each packaged recipe
 """
 
 import json
@@ -76,12 +78,102 @@ def data_parallel(out_path):
     json.dump(result, f)
 
 
+def recipes(out_path, tmp, names):
+  """Fake ImageNet through TFDS's imagenet2012 builder, a tiny teacher checkpoint, then 2 steps of
+  each named recipe's runlocal version through the CLI; one JSON record per recipe."""
+  import io
+  import contextlib
+  import time
+  import traceback
+  from mobilevis_jax import data  # noqa: F401  (native-library load order, see data/__init__)
+  from mobilevis_jax.data import cli as data_cli, fake_archives
+  from mobilevis_jax.train import checkpoint as ckpt_lib, main, train
+  from tests.train.tiny_model import TinyCNN
+  import jax
+
+  t0 = time.time()
+  manual, data_dir = os.path.join(tmp, 'manual'), os.path.join(tmp, 'tfds')
+  fake_archives.write_ilsvrc2012(manual, images_per_class=2, num_val=5, size=(96, 72))
+  assert data_cli.main(['prepare', 'imagenet2012', '--manual-dir', manual, '--data-dir', data_dir]) == 0
+  teacher = os.path.join(tmp, 'teacher')
+  tvars = jax.device_get(train.init_variables(TinyCNN(num_classes=1000), jax.random.PRNGKey(0), 16))
+  ckpt_lib.save_variables(teacher, tvars, model_name='trainer_test_tiny_cnn',
+                          extra={'model_kwargs': {'num_classes': 1000}})
+  results = {'_setup_s': time.time() - t0, 'devices': jax.device_count()}
+  common = [f'--config.data.data_dir={data_dir}', '--config.num_train_steps=2',
+            '--config.data.shuffle_buffer=16', '--config.log_every_steps=1',
+            '--config.checkpoint_every_steps=100', '--config.progress_bar=false',
+            '--config.tensorboard=false', '--config.eval_fused=false']
+  for name in names:
+    extra = list(common)
+    spec = f'{name}:runlocal'
+    cfg = main._parse(['--config', spec, '--workdir', 'unused'], 'x', checkpoint=False)[1]
+    if cfg.distillation.type == 'hard':
+      extra += [f'--config.distillation.teacher_checkpoint={teacher}',
+                '--config.distillation.teacher_model=trainer_test_tiny_cnn']
+    if cfg.data.name == 'imagenet22k':  # the 1K fake archives stand in for 22K (labels < 1000)
+      extra += ['--config.data.name=imagenet2012', '--config.data.builder_config=']
+    if cfg.model.startswith('parameternet'):
+      # jit(init) of ParameterNet's 88 dynamic convs takes minutes on 2 CPU cores (issue 10,
+      # time to first step); GhostNet-0.5 is the same GhostNet tree without the expert banks.
+      extra += ['--config.model=ghostnet_050']
+    if cfg.init_from == '' and 'ft_in1k' in name:
+      extra += [f'--config.init_from={os.path.join(tmp, "run_parameternet_600m_in22k")}']
+    t = time.time()
+    buf_out, buf_err = io.StringIO(), io.StringIO()
+    record = {}
+    try:
+      with contextlib.redirect_stdout(buf_out), contextlib.redirect_stderr(buf_err):
+        code = main.main(['--config', spec, '--workdir', os.path.join(tmp, f'run_{name}'), *extra])
+      record['code'] = code
+      lines = [l for l in buf_out.getvalue().strip().splitlines() if l.startswith('{')]
+      record['result'] = json.loads(lines[-1]) if lines else None
+      rows = [json.loads(l) for l in open(os.path.join(tmp, f'run_{name}', 'metrics.jsonl'))]
+      record['train'] = [r for r in rows if 'train/loss' in r]
+      best = os.path.join(tmp, f'run_{name}', 'best')
+      record['best'] = sorted(os.listdir(best)) if os.path.isdir(best) else []
+    except BaseException as e:  # noqa: BLE001  (reported to the test, which names the recipe)
+      record['code'] = -1
+      record['error'] = f'{type(e).__name__}: {e}'
+      record['traceback'] = traceback.format_exc()[-3000:]
+    record['stderr'] = buf_err.getvalue()[-3000:]
+    record['seconds'] = time.time() - t
+    results[name] = record
+    with open(out_path, 'w') as f:
+      json.dump(results, f, indent=1, default=str)
+  # Bad input fails before the first step, through the CLI, saying what to change.
+  bad = {}
+  for key, flags in {
+      'batch_below_devices': ['--config.global_batch_size=4'],
+      'wrong_teacher': [f'--config.distillation.teacher_checkpoint={teacher}',
+                        '--config.distillation.teacher_model=repvit_m0_6'],
+  }.items():
+    buf_err = io.StringIO()
+    with contextlib.redirect_stderr(buf_err), contextlib.redirect_stdout(io.StringIO()):
+      code = main.main(['--config', 'repvit_m1_1_in1k:runlocal', '--workdir', os.path.join(tmp, f'bad_{key}'),
+                        f'--config.data.data_dir={data_dir}', *flags])
+    bad[key] = {'code': code, 'stderr': buf_err.getvalue()[-2000:],
+                'stepped': os.path.exists(os.path.join(tmp, f'bad_{key}', 'checkpoints'))}
+  results['_bad_input'] = bad
+  with open(out_path, 'w') as f:
+    json.dump(results, f, indent=1, default=str)
+
+
 if __name__ == '__main__':
   mode, rest = sys.argv[1], sys.argv[2:]
   if mode == 'train':
     from mobilevis_jax.train.main import main
+    sleep = float(os.environ.get('MOBILEVIS_TEST_STEP_SLEEP', '0'))
+    if sleep:
+      import functools
+      import time
+      from mobilevis_jax.train import train
+      train.train_and_evaluate = functools.partial(train.train_and_evaluate,
+                                                   on_step=lambda step: time.sleep(sleep))
     sys.exit(main(rest))
   elif mode == 'dp':
     data_parallel(rest[0])
+  elif mode == 'recipes':
+    recipes(rest[0], rest[1], rest[2:])
   else:
     raise SystemExit(f'unknown mode {mode}')
