@@ -343,7 +343,9 @@ def adapt_variables(source: nn.Module, variables: Mapping, target: nn.Module, *,
   for m in dropped | reinit:
     params.pop(m, None)
     stats.pop(m, None)
-  out = {"params": params, "batch_stats": stats} if stats or "batch_stats" in variables else {"params": params}
+  out = {"params": params}
+  if stats or "batch_stats" in variables:
+    out["batch_stats"] = stats
   if reinit:
     fresh = _init_head(target, jax.random.PRNGKey(0) if rng is None else rng)
     for collection, tree in dict(fresh).items():
