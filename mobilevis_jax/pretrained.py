@@ -154,7 +154,7 @@ def _candidates(name: str, base: dict) -> list[tuple[str, dict]]:
   probe = create_model(name, **base)
   dists = [None]
   if _factory_accepts(name, "distillation", probe):
-    released = info.pretrained_cfg.distillation
+    released = bool(info.pretrained_cfg and info.pretrained_cfg.distillation)
     dists = [released, not released]
   fused = [False, True] if _factory_accepts(name, "fused", probe) else [None]
   out = []
@@ -390,6 +390,8 @@ def eval_data_overrides(name: str, data_cfg) -> dict[str, Any]:
   """
   from mobilevis_jax.data.config import default_data_config
   cfg = model_info(name).pretrained_cfg
+  if cfg is None:  # a model registered outside the package: the recipe decides
+    return {}
   if cfg.input_convention == "parc_bgr":
     normalization = "parc_bgr"
   elif (tuple(cfg.mean), tuple(cfg.std)) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)):

@@ -74,9 +74,9 @@ def zoo_table(pattern: str = "*", fuse_resolution: int = 64, check_fuse: bool = 
            "params": p["params"], "gmacs": p["macs"] / 1e9, "fused_params": None,
            "fused_gmacs": None, "fuse_max_abs_diff": None}
     cfg = info.pretrained_cfg
-    row.update(crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
-               input_convention=cfg.input_convention, top1=cfg.top1,
-               latency_ms=cfg.latency_ms[0] if cfg.latency_ms else None)
+    row.update(crop_pct=cfg and cfg.crop_pct, interpolation=cfg and cfg.interpolation,
+               input_convention=info.input_convention, top1=cfg and cfg.top1,
+               latency_ms=cfg.latency_ms[0] if cfg and cfg.latency_ms else None)
     if can_fuse(name):
       model = create_model(name)
       fm, fv = _abstract_fuse(model, abstract_variables(model, info.default_resolution))
@@ -103,7 +103,8 @@ def format_table(rows: list[dict]) -> str:
     fp = f"{r['fused_params']:,}" if r["fused_params"] is not None else "-"
     fg = f"{r['fused_gmacs']:.3f}" if r["fused_gmacs"] is not None else "-"
     fd = f"{r['fuse_max_abs_diff']:.1e}" if r["fuse_max_abs_diff"] is not None else "-"
-    ev = f"crop {r['crop_pct']:.3f} {r['interpolation']} {r['input_convention']}"
+    ev = (f"crop {r['crop_pct']:.3f} {r['interpolation']} {r['input_convention']}"
+          if r["crop_pct"] is not None else "-")
     top1 = f"{r['top1']:.1f}" if r["top1"] is not None else "-"
     ms = f"{r['latency_ms']:g}" if r["latency_ms"] is not None else "-"
     lines.append(f"{r['model']:<24}{r['family']:<14}{r['resolution']:>5}{r['params']:>14,}"

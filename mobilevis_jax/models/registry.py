@@ -32,8 +32,9 @@ class ModelInfo:
   factory: Callable[..., nn.Module]
 
   @property
-  def pretrained_cfg(self) -> "PretrainedCfg":
-    """Preprocessing and reference numbers of the model's weights (``models/pretrained_cfgs.py``)."""
+  def pretrained_cfg(self) -> "PretrainedCfg | None":
+    """Preprocessing and reference numbers of the model's weights (``models/pretrained_cfgs.py``;
+    None for a model registered outside the package)."""
     from mobilevis_jax.models.pretrained_cfgs import pretrained_cfg  # the table imports this module
     return pretrained_cfg(self.name)
 
