@@ -109,9 +109,10 @@ def _read_orbax(name: str, path: str, base: dict) -> tuple[dict, dict]:
   variables = {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats") and v}
   stored = dict(meta.get("model_kwargs") or {})
   ckpt_kw = {k: stored[k] for k in HEAD_KWARGS if k in stored}
-  if "num_classes" not in ckpt_kw or "distillation" not in ckpt_kw:
-    ckpt_kw = {**_infer_head_kwargs(name, variables, base), **ckpt_kw}
   model = create_model(name, **base, **ckpt_kw)
+  if "num_classes" not in ckpt_kw or ("distillation" not in ckpt_kw and hasattr(model, "distillation")):
+    ckpt_kw = {**_infer_head_kwargs(name, variables, base), **ckpt_kw}
+    model = create_model(name, **base, **ckpt_kw)
   other = meta.get("model_name")
   _check_tree(abstract_variables(model, _PROBE_RESOLUTION), variables,
               f"orbax checkpoint {path} (meta model_name={other!r}) vs {name} {ckpt_kw or ''}")

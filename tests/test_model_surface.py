@@ -334,3 +334,15 @@ def test_forward_head_of_forward_features_is_the_model(name, kw):
   np.testing.assert_allclose(head_logits, logits, rtol=1e-5, atol=1e-5)
   assert feats.shape[-1] == mv.feature_info(name)[-1]["num_chs"] and logits.shape == (1, 5)
   assert pre.ndim == 2 and pre.shape[0] == 1
+
+
+def test_orbax_without_recorded_kwargs_infers_the_head(made, tmp_path):
+  """A variables checkpoint saved without model_kwargs: classes and distillation read off the tree."""
+  model = mv.create_model("mobilevig_ti", num_classes=10, distillation=False)
+  variables = _random_variables(model, seed=5)
+  save_variables(str(tmp_path / "v"), variables, model_name="mobilevig_ti")
+  loaded = mv.create_model("mobilevig_ti", pretrained=str(tmp_path / "v"))
+  assert (loaded.num_classes, loaded.distillation) == (10, False)
+  _assert_same(variables, loaded.unbind()[1])
+  with pytest.raises(ValueError, match="features_only=True"):
+    mv.create_model("mobilevig_ti", out_indices=(0,))
