@@ -86,6 +86,10 @@ def zoo_table(pattern: str = "*", fuse_resolution: int = 64, check_fuse: bool = 
     row = {"model": name, "family": info.family, "resolution": info.default_resolution,
            "params": p["params"], "gmacs": p["macs"] / 1e9, "fused_params": None,
            "fused_gmacs": None, "fuse_max_abs_diff": None}
+    cfg = info.pretrained_cfg
+    row.update(crop_pct=cfg and cfg.crop_pct, interpolation=cfg and cfg.interpolation,
+               input_convention=info.input_convention, top1=cfg and cfg.top1,
+               latency_ms=cfg.latency_ms[0] if cfg and cfg.latency_ms else None)
     if can_fuse(name):
       model = create_model(name)
       fm, fv = _abstract_fuse(model, abstract_variables(model, info.default_resolution))
@@ -106,13 +110,17 @@ def _abstract_fuse(model, abstract):
 
 
 def format_table(rows: list[dict]) -> str:
-  header = (f"{'model':<24}{'family':<14}{'res':>5}{'params':>14}{'GMACs':>9}"
-            f"{'fused params':>15}{'fused GMACs':>13}{'fuse max|d|':>13}")
+  header = (f"{'model':<24}{'family':<14}{'res':>5}{'params':>14}{'GMACs':>9}{'fused params':>15}"
+            f"{'fused GMACs':>13}{'fuse max|d|':>13}  {'eval (pretrained_cfg)':<28}{'top-1':>6}{'ms':>7}")
   lines = [header, "-" * len(header)]
   for r in rows:
     fp = f"{r['fused_params']:,}" if r["fused_params"] is not None else "-"
     fg = f"{r['fused_gmacs']:.3f}" if r["fused_gmacs"] is not None else "-"
     fd = f"{r['fuse_max_abs_diff']:.1e}" if r["fuse_max_abs_diff"] is not None else "-"
+    ev = (f"crop {r['crop_pct']:.3f} {r['interpolation']} {r['input_convention']}"
+          if r["crop_pct"] is not None else "-")
+    top1 = f"{r['top1']:.1f}" if r["top1"] is not None else "-"
+    ms = f"{r['latency_ms']:g}" if r["latency_ms"] is not None else "-"
     lines.append(f"{r['model']:<24}{r['family']:<14}{r['resolution']:>5}{r['params']:>14,}"
-                 f"{r['gmacs']:>9.3f}{fp:>15}{fg:>13}{fd:>13}")
+                 f"{r['gmacs']:>9.3f}{fp:>15}{fg:>13}{fd:>13}  {ev:<28}{top1:>6}{ms:>7}")
   return "\n".join(lines)

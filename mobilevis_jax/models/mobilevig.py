@@ -194,6 +194,27 @@ class MobileViG(nn.Module):
       return logits, dist_logits
     return (logits + dist_logits) / 2
 
+  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """The map before pooling: the last ``features_only`` output (stride 32)."""
+    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
+
+  @nn.compact
+  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
+    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
+    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
+    if self.features_only:
+      raise ValueError("a features_only model has no head")
+    x = Dense1x1(self.config.emb_dims, name="prediction_conv")(jnp.mean(x, axis=(1, 2)))
+    x = gelu(BatchNorm(name="prediction_bn")(x, train))
+    if pre_logits:
+      return x
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    logits = Dense1x1(self.num_classes, name="head")(x)
+    if not self.distillation:
+      return logits
+    dist_logits = Dense1x1(self.num_classes, name="dist_head")(x)
+    return (logits, dist_logits) if train else (logits + dist_logits) / 2
+
   def _report_profiler_params(self, batch: int) -> None:
     """Parameters the official Profiler's way: per conv, weight count + in_channels/groups.
 

@@ -209,6 +209,27 @@ class GhostNet(nn.Module):
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
     return Linear(self.num_classes, name="classifier")(x)
 
+  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """The map before pooling: the last ``features_only`` output (stride 32)."""
+    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
+
+  @nn.compact
+  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
+    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
+    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
+    if self.features_only:
+      raise ValueError("a features_only model has no head")
+    act = ACTIVATIONS[self.act]
+    last = make_divisible(self.table[-1][-1][1] * self.width, 4)
+    x = ConvNormAct(last, 1, act=act, dynamic=self.dynamic, dynamic_kwargs=self.dynamic_kwargs,
+                    name=f"blocks_{len(self.table)}_0")(x, train)
+    x = act(Conv2d(1280, 1, use_bias=True, name="conv_head")(jnp.mean(x, axis=(1, 2), keepdims=True)))
+    x = x.reshape(x.shape[0], -1)
+    if pre_logits:
+      return x
+    x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, name="classifier")(x)
+
 
 # --- variants ----------------------------------------------------------------------------------
 

@@ -164,6 +164,22 @@ class ParCConvNeXt(nn.Module):
     scaled = trunc_normal_init(0.02 * self.head_init_scale)
     return nn.Dense(self.num_classes, kernel_init=scaled, name="head")(x)
 
+  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """The map before pooling: the last ``features_only`` output (stride 32)."""
+    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
+
+  @nn.compact
+  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
+    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
+    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
+    if self.features_only:
+      raise ValueError("a features_only model has no head")
+    x = _layer_norm("norm")(jnp.mean(x, axis=(1, 2)))
+    if pre_logits:
+      return x
+    scaled = trunc_normal_init(0.02 * self.head_init_scale)
+    return nn.Dense(self.num_classes, kernel_init=scaled, name="head")(x)
+
 
 # ==============================================================================================
 # ParC-ResNet50
@@ -228,6 +244,19 @@ class ParCResNet(nn.Module):
       return features
     # torchvision's init pass skips nn.Linear: fc keeps PyTorch's default, bias included.
     return Linear(self.num_classes, name="fc")(jnp.mean(x, axis=(1, 2)))
+
+  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """The map before pooling: the last ``features_only`` output (stride 32)."""
+    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
+
+  @nn.compact
+  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
+    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
+    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
+    if self.features_only:
+      raise ValueError("a features_only model has no head")
+    x = jnp.mean(x, axis=(1, 2))
+    return x if pre_logits else nn.Dense(self.num_classes, name="fc")(x)
 
 
 # ==============================================================================================
@@ -333,6 +362,26 @@ class ParCMobileNetV2(nn.Module):
     x = relu6(ConvBN(self.last_channels, 1, kernel_init=_kaiming_fan_out,
                      name=f"features_{idx}")(x, train))
     x = nn.Dropout(self.dropout, deterministic=not train)(jnp.mean(x, axis=(1, 2)))
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
+                    name="classifier")(x)
+
+  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """The map before pooling: the last ``features_only`` output (stride 32)."""
+    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
+
+  @nn.compact
+  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
+    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
+    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
+    if self.features_only:
+      raise ValueError("a features_only model has no head")
+    idx = 1 + sum(st.blocks for st in self.stages)
+    x = relu6(ConvBN(self.last_channels, 1, kernel_init=_kaiming_fan_out,
+                     name=f"features_{idx}")(x, train))
+    x = jnp.mean(x, axis=(1, 2))
+    if pre_logits:
+      return x
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
                     name="classifier")(x)
 

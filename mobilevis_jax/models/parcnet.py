@@ -245,6 +245,23 @@ class ParCNet(nn.Module):
     x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
     return nn.Dense(self.num_classes, kernel_init=trunc_normal_init(0.02), name="classifier")(x)
 
+  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """The map before pooling: the last ``features_only`` output (stride 32)."""
+    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
+
+  @nn.compact
+  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
+    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
+    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
+    if self.features_only:
+      raise ValueError("a features_only model has no head")
+    x = ConvBNAct(min(4 * x.shape[-1], 960), 1, name="conv_1x1_exp")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    if pre_logits:
+      return x
+    x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
+    return nn.Dense(self.num_classes, kernel_init=trunc_normal_init(0.02), name="classifier")(x)
+
 
 def _create(name: str, num_classes: int, **kw) -> ParCNet:
   return ParCNet(CONFIGS[name], num_classes=num_classes, **kw)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -30,6 +30,52 @@ class ModelInfo:
   layouts: tuple[str, ...]
   input_convention: str
   factory: Callable[..., nn.Module]
+
+  @property
+  def pretrained_cfg(self) -> "PretrainedCfg | None":
+    """Preprocessing and reference numbers of the model's weights (``models/pretrained_cfgs.py``;
+    None for a model registered outside the package)."""
+    from mobilevis_jax.models.pretrained_cfgs import pretrained_cfg  # the table imports this module
+    return pretrained_cfg(self.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedCfg:
+  """What evaluating a model's released weights needs, as timm's ``pretrained_cfg`` has it.
+
+  Attributes:
+    input_size: (3, H, W) of the evaluation crop.
+    mean, std: per-channel normalisation, in the channel order the model sees (``input_convention``).
+    crop_pct: eval resize to ``floor(H / crop_pct)`` on the shorter side, then centre crop H.
+    interpolation: eval resize kernel, ``'bicubic'`` or ``'bilinear'``.
+    input_convention: ``'imagenet'`` (RGB, /255, then mean/std) or ``'parc_bgr'`` (ParC-Net's cv2
+      convention: BGR, /255, mean 0 std 1).
+    num_classes: classes of the released weights (21841 for ImageNet-22K pre-training).
+    distillation: whether the released checkpoints carry a second (distillation) head.
+    top1: paper ImageNet-1K top-1 (%), None where none was published.
+    latency_ms: paper latency and the device it was measured on, None where none was published.
+    timm_differences: ``(field, value)`` pairs where timm's cfg differs from the official one.
+    source: where each value comes from (official eval code vs timm, where they differ).
+  """
+  input_size: tuple[int, int, int] = (3, 224, 224)
+  mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+  std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+  crop_pct: float = 0.875
+  interpolation: str = "bicubic"
+  input_convention: str = "imagenet"
+  num_classes: int = 1000
+  distillation: bool = False
+  top1: float | None = None
+  latency_ms: tuple[float, str] | None = None
+  timm_differences: tuple[tuple[str, Any], ...] = ()
+  source: str = ""
+
+  def timm(self) -> "PretrainedCfg":
+    """The same cfg with timm's values where timm differs (e.g. RepViT's crop_pct 0.95)."""
+    return dataclasses.replace(self, **dict(self.timm_differences), timm_differences=())
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
 
 
 _MODELS: dict[str, ModelInfo] = {}
@@ -78,9 +124,94 @@ def model_info(name: str) -> ModelInfo:
     raise _unknown(name) from None
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-  """Build a registered model, e.g. ``create_model('repvit_m1_1', num_classes=10)``."""
-  return model_info(name).factory(**kwargs)
+def create_model(name: str, pretrained: str | None = None, *,
+                 out_indices: Sequence[int] | None = None, **kwargs: Any) -> nn.Module:
+  """Build a registered model, e.g. ``create_model('repvit_m1_1', num_classes=10)``.
+
+  Args:
+    name: a registered name (``list_models()``).
+    pretrained: path of a ``.safetensors``/``.pth`` file (official or timm layout, detected from its
+      keys) or of an orbax checkpoint of this project. The model is then returned *bound* to the
+      loaded weights (``flax.linen.Module.bind``): ``model(x)`` runs it, ``model.variables`` holds
+      the weights and ``model.unbind()`` gives ``(module, variables)`` back for training. With a
+      ``num_classes`` other than the checkpoint's, the classifier is re-initialised (see
+      :func:`mobilevis_jax.pretrained.load_pretrained`).
+    out_indices: with ``features_only=True``, which of the feature maps to return (timm's
+      ``out_indices``; negative indices count from the end). :func:`feature_info` describes them.
+    **kwargs: the factory's arguments (``num_classes``, ``distillation``, ``features_only``, ...).
+  """
+  if pretrained is not None:
+    from mobilevis_jax.pretrained import load_pretrained  # it builds on this module
+    model, variables = load_pretrained(name, pretrained, out_indices=out_indices, **kwargs)
+    return model.bind(variables)
+  model = model_info(name).factory(**kwargs)
+  if out_indices is not None:
+    if not kwargs.get("features_only"):
+      raise ValueError("out_indices selects feature maps: pass features_only=True as well")
+    model = FeatureSelect(model, _normalise_indices(out_indices, len(feature_info(name, **kwargs))))
+  return model
+
+
+class FeatureSelect(nn.Module):
+  """A ``features_only`` backbone returning only the maps at ``out_indices``.
+
+  The backbone runs in this module's own scope, so the variables are exactly the backbone's (a
+  checkpoint of the backbone loads unchanged).
+  """
+  backbone: nn.Module
+  out_indices: tuple[int, ...]
+
+  def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+    features = self.backbone.clone(parent=self.scope)(x, train)
+    return [features[i] for i in self.out_indices]
+
+
+def _normalise_indices(out_indices: Sequence[int], n: int) -> tuple[int, ...]:
+  out = []
+  for i in out_indices:
+    if not -n <= int(i) < n:
+      raise ValueError(f"out_indices {tuple(out_indices)}: the model has {n} feature maps")
+    out.append(int(i) % n)
+  return tuple(out)
+
+
+def feature_info(name: str, out_indices: Sequence[int] | None = None,
+                 resolution: int | None = None, **kwargs: Any) -> list[dict]:
+  """timm's ``feature_info``: one dict per map that ``features_only=True`` returns.
+
+  ``num_chs`` (channels), ``reduction`` (input size / map size) and ``module`` (the Flax path of
+  the module that produces the map, ``/``-separated below the top level). Computed from abstract
+  shapes (``jax.eval_shape``): nothing is allocated or run.
+  """
+  kwargs = {k: v for k, v in kwargs.items() if k != "features_only"}
+  model = model_info(name).factory(features_only=True, **kwargs)
+  resolution = resolution or model_info(name).default_resolution
+  calls: list[tuple[tuple[str, ...], Any]] = []
+
+  def record(next_fun, args, kw, context):
+    out = next_fun(*args, **kw)
+    if context.method_name == "__call__" and context.module is not model:
+      calls.append((tuple(context.module.path), out))
+    return out
+
+  def features(x):
+    with nn.intercept_methods(record):
+      feats, _ = model.init_with_output(jax.random.PRNGKey(0), x, train=False)
+    # The producer of a map is the outermost module that returned that very array (a stage and
+    # its last block return the same one).
+    for f in feats:
+      paths = [p for p, out in calls if out is f]
+      names.append("/".join(min(paths, key=len)) if paths else "")
+    return feats
+
+  names: list[str] = []
+  x = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+  shapes = jax.eval_shape(features, x)
+  rows = [{"num_chs": int(s.shape[-1]), "reduction": resolution // int(s.shape[1]), "module": m}
+          for s, m in zip(shapes, names)]
+  if out_indices is not None:
+    rows = [rows[i] for i in _normalise_indices(out_indices, len(rows))]
+  return rows
 
 
 def list_models(pattern: str = "*") -> list[str]:

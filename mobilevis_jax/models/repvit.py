@@ -218,6 +218,19 @@ class RepViT(nn.Module):
     dist = BNLinear(self.num_classes, name="head_dist")(x, train)
     return (logits, dist) if train else (logits + dist) / 2
 
+  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """The map before pooling: the last ``features_only`` output (stride 32)."""
+    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
+
+  @nn.compact
+  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
+    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
+    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
+    if self.features_only:
+      raise ValueError("a features_only model has no head")
+    x = jnp.mean(x, axis=(1, 2))
+    return x if pre_logits or self.num_classes == 0 else self._head(x, train)
+
 
 class FusedRepViT(RepViT):
   """Inference form of :class:`RepViT` produced by :func:`fuse_repvit`.

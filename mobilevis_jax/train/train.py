@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import re
 import signal
 import time
@@ -405,9 +406,15 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: str, *, devi
   from mobilevis_jax import data  # here, not at the top: TensorFlow loads only when a run starts
 
   mesh = distributed.make_data_mesh(devices)
+  variables, meta = ckpt_lib.restore_variables(checkpoint)
+  if not os.path.isdir(ckpt_lib.checkpoint_dir(checkpoint)):
+    # Weights from elsewhere (`mobilevis import`): their own eval preprocessing (pretrained_cfg)
+    # wherever the recipe keeps the data defaults. A work directory keeps its recipe's transform.
+    from mobilevis_jax.pretrained import eval_data_config  # pylint: disable=import-outside-toplevel
+    cfg = cfg.copy_and_resolve_references()
+    cfg.data = eval_data_config(meta.get('model_name') or cfg.model, cfg.data)
   source = data.get_source(cfg.data.name)
   info = source.dataset_info(cfg.data)
-  variables, meta = ckpt_lib.restore_variables(checkpoint)
   kwargs = dict(meta.get('model_kwargs') or {})
   kwargs.setdefault('num_classes', cfg.num_classes if cfg.num_classes > 0 else int(info['num_classes']))
   if not meta.get('model_kwargs'):
