@@ -99,6 +99,7 @@ def learning_rate_schedule(opt_cfg: ml_collections.ConfigDict, *, global_batch_s
     slope = (peak - warmup_lr) / warmup_iters
 
     def cvnets(step):
+      step = jnp.asarray(step)
       epoch = jnp.minimum(_epoch_of_step(step, epoch_starts), num_epochs - 1)
       ramp = warmup_lr + step.astype(jnp.float32) * slope
       return jnp.where(step < warmup_iters, ramp, table[epoch])
@@ -119,6 +120,7 @@ def learning_rate_schedule(opt_cfg: ml_collections.ConfigDict, *, global_batch_s
                         jnp.float32)
 
     def per_epoch(step):
+      step = jnp.asarray(step)
       return table[jnp.minimum(_epoch_of_step(step, epoch_starts), num_epochs - 1)]
     return per_epoch
 
@@ -127,7 +129,7 @@ def learning_rate_schedule(opt_cfg: ml_collections.ConfigDict, *, global_batch_s
   warmup_t = warmup_iters or int(round(float(opt_cfg.warmup_epochs) * steps_per_epoch))
 
   def per_step(step):
-    t = step.astype(jnp.float32)
+    t = jnp.asarray(step).astype(jnp.float32)
     ramp = warmup_lr + t * (peak - warmup_lr) / max(warmup_t, 1)
     if kind == 'constant':
       main = jnp.full_like(t, peak)
