@@ -163,6 +163,8 @@ def init_variables(model: nn.Module, rng: jax.Array, resolution: int, batch: int
     variables.setdefault("batch_stats", {})
     return variables
 
+  if isinstance(rng, jax.core.Tracer):  # called inside a transformation: trace it into that
+    return init(rng)
   lowered = jax.jit(init).lower(rng)
   options = ONE_SHOT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
   return lowered.compile(compiler_options=options)(rng)
