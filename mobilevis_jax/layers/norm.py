@@ -53,19 +53,23 @@ class BatchNorm(nn.Module):
     reduce_axes = tuple(range(x.ndim - 1))
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
-    # Statistics in float32 even when the trainer runs the network in bfloat16.
-    xf = x.astype(jnp.float32)
+    # Statistics in (at least) float32 even when the trainer runs the network in bfloat16.
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if train:
+      # Two passes, as PyTorch: the one-pass E[x^2] - E[x]^2 cancels catastrophically in float32
+      # when |mean| >> std (pooled features, post-ReLU maps), in the forward and, worse, in the
+      # backward pass (measured: 1e-3 relative gradient error where PyTorch float32 has 1e-6).
+      axis_name = _SYNC_AXIS.get()
       mean = jnp.mean(xf, axis=reduce_axes)
-      mean_sq = jnp.mean(jnp.square(xf), axis=reduce_axes)
+      if axis_name is not None:
+        mean = jax.lax.pmean(mean, axis_name)
+      var = jnp.mean(jnp.square(xf - mean), axis=reduce_axes)
       count = 1
       for a in reduce_axes:
         count *= x.shape[a]
-      axis_name = _SYNC_AXIS.get()
       if axis_name is not None:
-        mean, mean_sq = jax.lax.pmean((mean, mean_sq), axis_name)
+        var = jax.lax.pmean(var, axis_name)
         count = count * jax.lax.psum(1, axis_name)
-      var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
       if not self.is_initializing():
         unbiased = var * (count / jnp.maximum(count - 1, 1))
         ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean

@@ -66,11 +66,9 @@ def evaluate(eval_step, variables, batches: Iterator[dict], mesh) -> dict[str, f
 # ================================================================================================
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int) -> dict:
-  variables = model.init({'params': rng, 'dropout': rng}, jnp.zeros((1, image_size, image_size, 3)),
-                         train=False)
-  variables = dict(variables)
-  variables.setdefault('batch_stats', {})
-  return variables
+  # One home for model initialisation: a one-shot compile (see models.registry.init_variables).
+  from mobilevis_jax.models.registry import init_variables as one_shot_init  # pylint: disable=import-outside-toplevel
+  return one_shot_init(model, rng, image_size)
 
 
 def create_train_state(variables: dict, tx: optax.GradientTransformation, rng: jax.Array,
@@ -287,7 +285,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
   teacher_model, teacher_vars = None, {}
   if cfg.distillation.type == 'hard':  # checked before the (expensive) student initialisation
     teacher_model, teacher_vars = load_teacher(cfg, num_classes, image_size)
-  variables = jax.jit(functools.partial(init_variables, model, image_size=image_size))(init_rng)
+  variables = init_variables(model, init_rng, image_size)
   if cfg.init_from:
     loaded, meta = ckpt_lib.restore_variables(cfg.init_from)
     if meta.get('model_name') not in (None, cfg.model):
