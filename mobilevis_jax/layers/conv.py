@@ -55,10 +55,11 @@ def Conv2d(features: int, kernel_size=1, strides=1, padding: Padding | None = No
            groups: int = 1, use_bias: bool = True, kernel_init: Callable = torch_default_kernel_init,
            bias_init: Callable = nn.initializers.zeros, name: str | None = None) -> nn.Conv:
   """A ``flax.linen.Conv`` configured like ``torch.nn.Conv2d`` (HWIO kernel, explicit pads)."""
-  return nn.Conv(features=features, kernel_size=_pair(kernel_size), strides=_pair(strides),
-                 padding=explicit_padding(kernel_size, padding, dilation),
-                 kernel_dilation=_pair(dilation), feature_group_count=groups, use_bias=use_bias,
-                 kernel_init=kernel_init, bias_init=bias_init, name=name)
+  from mobilevis_jax.layers.kernels import Conv  # backend-aware depthwise/grouped paths
+  return Conv(features=features, kernel_size=_pair(kernel_size), strides=_pair(strides),
+              padding=explicit_padding(kernel_size, padding, dilation),
+              kernel_dilation=_pair(dilation), feature_group_count=groups, use_bias=use_bias,
+              kernel_init=kernel_init, bias_init=bias_init, name=name)
 
 
 class ConvBN(nn.Module):
