@@ -1,11 +1,13 @@
-"""Backend-aware convolution kernels: one semantics, the implementation chosen per backend and shape.
+"""Backend-aware convolution kernels: one semantics, the implementation chosen per backend.
 
 Every family here is built on depthwise convolutions, and XLA's CPU backend runs
 ``lax.conv_general_dilated`` with ``feature_group_count = C`` some 10-50x slower than the same
 sum written as ``kh * kw`` shifted multiply-adds (one fused elementwise loop), while on GPUs the
 library convolution is the fast path. So the operators below compute one fixed function and pick
 *how* from :data:`KERNEL_TABLE`, keyed by op and JAX backend, measured by
-``experiments/bench/bench_kernels.py`` (numbers in ``experiments/bench/RESULTS.md``):
+``experiments/bench/bench_kernels.py`` and ``bench_dynamic_conv.py`` (numbers in
+``experiments/bench/RESULTS.md``; on CPU the winner was the same at every measured shape, so the
+table has no shape key yet):
 
 =================  ======================================  ===========================
 op                 implementations                         cpu / gpu / tpu default
