@@ -7,9 +7,10 @@ passes, median of several calls after a warm-up):
    the static conv and only a few percent more MACs -- but what does it cost in wall-clock, at
    batch 1 (mobile inference) and batch 128 (training)? Printed: params ratio, MACs ratio,
    time ratio dynamic/static.
-2. The two execution strategies (``vmap`` over per-sample kernels vs the batch folded into the
-   groups of one grouped conv): time ratio vmap/grouped. The layer's default is picked from it
-   (see the DynamicConv docstring).
+2. The execution strategies (``vmap`` over per-sample kernels, the batch folded into the
+   groups of one grouped conv, the per-sample batched GEMM ``einsum``, the per-sample shifted
+   taps ``shift``) and ``auto`` (the layer's default, ``kernels.KERNEL_TABLE``): times of each,
+   and ``auto/static``, the number ParameterNet's claim is about.
 
 Layers are the ParameterNet-600M shapes of a Ghost module at stride 16 (14x14, 152 -> 190
 primary 1x1 and its 190-channel depthwise 3x3 cheap op) and at stride 4 (56x56, 44 -> 68 1x1).
@@ -67,8 +68,8 @@ def main(argv=None) -> None:
   reps = 3 if args.quick else 10
 
   print(f"devices: {jax.devices()}  experts M={args.experts}")
-  print(f"{'layer':22s} {'batch':>5s} {'static ms':>10s} {'vmap ms':>9s} {'grouped ms':>10s} "
-        f"{'dyn/static':>10s} {'vmap/grouped':>12s} {'params x':>8s} {'MACs x':>7s}")
+  print(f"{'layer':22s} {'batch':>5s} {'static ms':>10s} " + " ".join(f"{s:>8s}" for s in STRATEGIES)
+        + f" {'auto/static':>11s} {'best/static':>11s} {'params x':>8s} {'MACs x':>7s}")
   for name, hw, cin, cout, k, g in layers:
     static = Conv2d(cout, k, groups=g, use_bias=False)
     dyn = {s: DynamicConv(cout, k, groups=g, num_experts=args.experts, strategy=s)
@@ -82,9 +83,9 @@ def main(argv=None) -> None:
       t_static = time_layer(static, x, reps)
       t = {s: time_layer(layer, x, reps) for s, layer in dyn.items()}
       best = min(t.values())
-      print(f"{name:22s} {b:5d} {t_static:10.3f} {t['vmap']:9.3f} {t['grouped']:10.3f} "
-            f"{best / t_static:10.2f} {t['vmap'] / t['grouped']:12.2f} "
-            f"{p_dyn / p_static:8.2f} {m_dyn / m_static:7.3f}")
+      print(f"{name:22s} {b:5d} {t_static:10.3f} " + " ".join(f"{t[s]:8.3f}" for s in STRATEGIES)
+            + f" {t['auto'] / t_static:11.2f} {best / t_static:11.2f} "
+            f"{p_dyn / p_static:8.2f} {m_dyn / m_static:7.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mobilevis_jax.layers.kernels import Conv as DispatchConv
 from mobilevis_jax.layers.norm import BatchNorm
 
 # ----------------------------------------------------------------------------------------------
@@ -89,8 +90,10 @@ def _with_fan_in(init_fn: FanInUniformBias, fan_in: int) -> Callable:
   return init
 
 
-class Conv(FanInBiasMixin, nn.Conv):
-  """``flax.linen.Conv`` whose bias may use PyTorch's fan-in default (:data:`torch_default_bias_init`)."""
+class Conv(FanInBiasMixin, DispatchConv):
+  """The project's convolution: ``kernels.Conv`` (backend-aware depthwise / grouped paths, an
+  ``nn.Conv`` with the same parameters) whose bias may use PyTorch's fan-in default
+  (:data:`torch_default_bias_init`)."""
 
 
 class Dense(FanInBiasMixin, nn.Dense):
@@ -153,9 +156,9 @@ def Conv2d(features: int, kernel_size=1, strides=1, padding: Padding | None = No
   official code leaves the bias alone).
   """
   return Conv(features=features, kernel_size=_pair(kernel_size), strides=_pair(strides),
-                 padding=explicit_padding(kernel_size, padding, dilation),
-                 kernel_dilation=_pair(dilation), feature_group_count=groups, use_bias=use_bias,
-                 kernel_init=kernel_init, bias_init=bias_init, name=name)
+              padding=explicit_padding(kernel_size, padding, dilation),
+              kernel_dilation=_pair(dilation), feature_group_count=groups, use_bias=use_bias,
+              kernel_init=kernel_init, bias_init=bias_init, name=name)
 
 
 class ConvBN(nn.Module):

@@ -18,15 +18,21 @@ flattened in PyTorch's OIHW order (``P = Cout * Cin/groups * kh * kw``), exactly
 is reshaped to OIHW and transposed to HWIO inside the forward pass; that transpose touches
 ``B * P`` numbers, negligible next to the convolution.
 
-Execution strategies (``strategy=``), numerically identical (tests check 1e-5 and gradients):
+Execution strategies (``strategy=``), numerically identical (tests check 1e-5 and gradients);
+they are the per-sample paths of :func:`mobilevis_jax.layers.kernels.dynamic_conv2d`:
 
 * ``'vmap'``: ``jax.vmap`` of a single-sample convolution over (sample, mixed kernel) pairs.
 * ``'grouped'``: CondConv's trick made explicit: the batch is folded into the channel axis
   (``[1, H, W, B*Cin]``) and one convolution with ``B * groups`` feature groups runs all samples.
+* ``'einsum'``: im2col over the taps (none for 1x1) and one per-sample batched GEMM.
+* ``'shift'``: for depthwise kernels, per-sample shifted multiply-adds; otherwise ``'einsum'``.
+* ``'auto'`` (default): the backend's entry of ``kernels.KERNEL_TABLE`` (``'dynamic_1x1'`` /
+  ``'dynamic_kxk'``), overridable with ``kernels.use(dynamic_1x1=...)``.
 
-Default: ``'vmap'``, by measurement (``experiments/bench/bench_dynamic_conv.py``, XLA CPU, 2
-shared cores, float32, M=4, ParameterNet-600M layer shapes; time ratio vmap/grouped, < 1 means
-vmap is faster):
+On CPU the table picks ``'einsum'`` for 1x1 and ``'shift'`` for kxk (numbers in
+``experiments/bench/RESULTS.md``). The older comparison of the first two strategies
+(``experiments/bench/bench_dynamic_conv.py``, XLA CPU, 2 shared cores, float32, M=4,
+ParameterNet-600M layer shapes; time ratio vmap/grouped, < 1 means vmap is faster):
 
 =====================  ========  ==========
 layer                  batch 1   batch 128
@@ -36,10 +42,8 @@ layer                  batch 1   batch 128
 dw3x3 14x14 190        0.54      1.20
 =====================  ========  ==========
 
-vmap wins every batch-1 case (the inference setting ParameterNet targets) and the geometric mean
-at batch 128 (0.94). The two strategies give the same numbers but XLA compiles them to different
-programs (the timings differ by up to 2x either way), so the choice is empirical; timings were
-taken on a shared machine and the ratios are indicative, not precise.
+Both lose to the batched-GEMM and shifted-tap paths on CPU, because XLA's CPU convolution with
+many feature groups is slow (see ``layers/kernels.py``).
 """
 from __future__ import annotations
 
@@ -51,13 +55,11 @@ import jax
 import jax.numpy as jnp
 
 from mobilevis_jax.layers.conv import Padding, _pair, explicit_padding, torch_default_kernel_init
+from mobilevis_jax.layers.kernels import dynamic_conv2d
 from mobilevis_jax.layers.macs import add_macs
 
 ROUTINGS = ("sigmoid", "softmax")
-STRATEGIES = ("vmap", "grouped")
-
-_DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
-
+STRATEGIES = ("auto", "vmap", "grouped", "einsum", "shift")
 
 def expert_bank_init(kernel_shape_oihw: tuple[int, ...]) -> Callable:
   """Each expert gets PyTorch's default conv init (kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)))
@@ -90,35 +92,13 @@ def mix_kernels(coefficients: jax.Array, bank: jax.Array, kernel_shape_oihw) -> 
 
 def conv_per_sample_vmap(x, kernels, strides, padding, dilation, groups):
   """``y[b] = conv(x[b], kernels[b])`` written as a vmap over the batch."""
-
-  def one(xb, kb):
-    return jax.lax.conv_general_dilated(
-        xb[None], kb, window_strides=strides, padding=padding, rhs_dilation=dilation,
-        dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=groups)[0]
-
-  return jax.vmap(one)(x, kernels)
+  return dynamic_conv2d(x, kernels, strides, padding, dilation, groups, impl="vmap")
 
 
 def conv_per_sample_grouped(x, kernels, strides, padding, dilation, groups):
-  """The same as :func:`conv_per_sample_vmap` by one convolution with ``B * groups`` groups.
-
-  Channels are laid out sample-major (``b * Cin + c``), so group ``b * groups + g`` of the folded
-  input meets the kernels of sample ``b``, group ``g``.
-  """
-  b, h, w, cin = x.shape
-  _, kh, kw, cin_g, cout = kernels.shape
-  folded_x = x.transpose(1, 2, 0, 3).reshape(1, h, w, b * cin)
-  # Output channel o of sample b goes to position b * Cout + o; within a sample, PyTorch's grouped
-  # conv already orders outputs group-major, so no further permutation is needed.
-  folded_k = kernels.transpose(1, 2, 3, 0, 4).reshape(kh, kw, cin_g, b * cout)
-  y = jax.lax.conv_general_dilated(
-      folded_x, folded_k, window_strides=strides, padding=padding, rhs_dilation=dilation,
-      dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=b * groups)
-  _, ho, wo, _ = y.shape
-  return y.reshape(ho, wo, b, cout).transpose(2, 0, 1, 3)
-
-
-_CONV_FNS = {"vmap": conv_per_sample_vmap, "grouped": conv_per_sample_grouped}
+  """The same as :func:`conv_per_sample_vmap` by one convolution with ``B * groups`` groups
+  (channels laid out sample-major, ``b * Cin + c``)."""
+  return dynamic_conv2d(x, kernels, strides, padding, dilation, groups, impl="grouped")
 
 
 class DynamicConv(nn.Module):
@@ -137,7 +117,7 @@ class DynamicConv(nn.Module):
   num_experts: int = 4
   routing: str = "sigmoid"
   routing_hidden: int | None = None
-  strategy: str = "vmap"
+  strategy: str = "auto"
 
   def _check(self, cin: int) -> None:
     if self.routing not in ROUTINGS:
@@ -181,8 +161,8 @@ class DynamicConv(nn.Module):
 
     strides = _pair(self.strides)
     padding = explicit_padding((kh, kw), self.padding, self.dilation)
-    y = _CONV_FNS[self.strategy](x, kernels.astype(x.dtype), strides, padding,
-                                 _pair(self.dilation), self.groups)
+    y = dynamic_conv2d(x, kernels.astype(x.dtype), strides, padding, _pair(self.dilation),
+                       self.groups, impl=None if self.strategy == "auto" else self.strategy)
     add_macs(y.size * (cin // self.groups) * kh * kw, "dynamic_conv")
     return y
 

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mobilevis_jax.layers import kernels
 from mobilevis_jax.layers.activations import gelu
 from mobilevis_jax.layers.conv import Conv2d
 from mobilevis_jax.layers.macs import add_macs
@@ -74,6 +75,7 @@ def knn_aggregate(x: jax.Array, num_neighbors: int = 9, dilation: int = 1,
   """Max-relative aggregation over the KNN graph: ``max_j (x_j - x_i)``, NHWC in and out."""
   idx = knn_indices(x, num_neighbors, dilation, reduce_ratio)
   b, h, w, c = x.shape
+  kernels.note("knn", "topk-gather", x=tuple(x.shape), k=num_neighbors)
   keys = _avg_pool(x, reduce_ratio).reshape(b, -1, c)
   neighbours = jax.vmap(lambda k, i: k[i])(keys, idx)        # (B, N, k, C)
   centre = x.reshape(b, h * w, 1, c)

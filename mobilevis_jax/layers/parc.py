@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mobilevis_jax.layers import kernels
 from mobilevis_jax.layers.conv import torch_default_kernel_init
 from mobilevis_jax.layers.macs import add_macs
 
@@ -207,6 +208,7 @@ def circular_conv(x: jax.Array, kernel: jax.Array, axis: int, *, method: str = "
   other = x.shape[3 - axis]
   add_macs(x.shape[0] * n * other * n * (x.shape[-1] * cout if dense else cout), "parc")
   resolved = _resolve_method(method, n)
+  kernels.note("parc", resolved, x=tuple(x.shape), axis=axis, dense=dense)
   if resolved == "fft":
     return _fft(x, kernel, axis, dense)
   if resolved == "conv":
@@ -224,6 +226,7 @@ def circular_conv_hw(x: jax.Array, kernel_h: jax.Array, kernel_w: jax.Array) -> 
   _check_operands(x, kernel_w, 2, dense=False)
   b, h, w, c = x.shape
   add_macs(b * h * w * c * (h + w), "parc")
+  kernels.note("parc", "fft2", x=tuple(x.shape))
   dtype = x.dtype
   xs = jnp.fft.rfft2(x.astype(jnp.float32), axes=(1, 2))  # (B, H, W//2+1, C)
   sh = jnp.conj(jnp.fft.fft(kernel_h.astype(jnp.float32), axis=0))  # (H, C)

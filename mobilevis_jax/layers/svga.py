@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mobilevis_jax.layers import kernels
 from mobilevis_jax.layers.activations import gelu
 from mobilevis_jax.layers.conv import Conv2d, ConvBN, kaiming_normal_init
 from mobilevis_jax.layers.norm import BatchNorm
@@ -55,6 +56,7 @@ def svga_aggregate(x: jax.Array, k: int = 2) -> jax.Array:
     raise ValueError(f"SVGA expects an NHWC map, got shape {x.shape}")
   _check_k(k)
   _, h, w, _ = x.shape
+  kernels.note("svga", "roll-min", x=tuple(x.shape), k=k)
   rolled = [jnp.roll(x, s, axis=1) for s in svga_shifts(h, k)]
   rolled += [jnp.roll(x, s, axis=2) for s in svga_shifts(w, k)]
   if not rolled:  # a 1-pixel (or K >= size) map has no neighbours: only the zero self-loop

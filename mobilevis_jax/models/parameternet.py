@@ -159,7 +159,7 @@ class GhostNet(nn.Module):
   dynamic: bool = False
   num_experts: int = 4
   routing: str = "sigmoid"
-  strategy: str = "vmap"
+  strategy: str = "auto"  # DynamicConv path: layers/kernels.py KERNEL_TABLE
   num_classes: int = 1000
   drop_rate: float = 0.2
   drop_path_rate: float = 0.0

@@ -1,0 +1,186 @@
+"""Every kernel path of ``layers/kernels.py`` computes XLA's convolution: values and gradients.
+
+The reference is ``lax.conv_general_dilated`` at HIGHEST precision (``kernels.conv_reference``);
+cases cover odd and non-square maps, stride 2, dilation, asymmetric padding, channel
+multipliers, 1x1 and 7x7 kernels.
+"""
+from __future__ import annotations
+
+import logging
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mobilevis_jax.layers import Conv2d, kernels
+from mobilevis_jax.layers.macs import counting
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+# (H, W, C, kernel, stride, dilation, padding, channel multiplier)
+DEPTHWISE_CASES = [
+    (9, 7, 6, 3, 1, 1, ((1, 1), (1, 1)), 1),   # odd, non-square
+    (8, 10, 5, 3, 2, 1, ((1, 1), (1, 1)), 1),  # stride 2 on even sizes
+    (7, 9, 4, 3, 2, 1, ((0, 0), (0, 0)), 1),   # stride 2 on odd sizes, VALID
+    (11, 9, 3, 5, 2, 2, ((4, 3), (0, 2)), 2),  # dilation, asymmetric pads, multiplier 2
+    (6, 5, 8, 1, 1, 1, ((0, 0), (0, 0)), 1),   # 1x1 (RepVGGDW's branch)
+    (9, 9, 4, 7, 1, 1, ((3, 3), (3, 3)), 1),   # ConvNeXt's 7x7
+]
+
+
+def _rand(key, shape, scale=1.0):
+  return scale * jax.random.normal(jax.random.PRNGKey(key), shape)
+
+
+def _value_and_grads(fn, args, cot):
+  # One jitted program per path: eager dispatch of every primitive is far slower to run here.
+  argnums = tuple(range(len(args)))
+  return jax.jit(lambda *a: (fn(*a), jax.grad(lambda *b: jnp.vdot(fn(*b), cot), argnums)(*a)))(
+      *args)
+
+
+def _check_paths(fn_for_impl, impls, reference, args):
+  """Values and gradients (w.r.t. every argument) of each path against ``reference``."""
+  cot = _rand(99, jax.eval_shape(reference, *args).shape)
+  want, want_grads = _value_and_grads(reference, args, cot)
+  for impl in impls:
+    got, grads = _value_and_grads(fn_for_impl(impl), args, cot)
+    np.testing.assert_allclose(got, want, **TOL, err_msg=impl)
+    for g, w in zip(grads, want_grads):
+      np.testing.assert_allclose(g, w, **TOL, err_msg=f"{impl} gradient")
+
+
+@pytest.mark.parametrize("h,w,c,k,s,d,pad,mult", DEPTHWISE_CASES)
+def test_depthwise_paths(h, w, c, k, s, d, pad, mult):
+  x = _rand(0, (2, h, w, c))
+  kern = _rand(1, (k, k, 1, c * mult), 1.0 / k)
+  ref = lambda x, kern: kernels.conv_reference(x, kern, s, pad, d, groups=c)
+  _check_paths(lambda impl: lambda x, kern: kernels.depthwise_conv2d(x, kern, s, pad, d, impl=impl),
+               kernels.IMPLS["depthwise"], ref, (x, kern))
+
+
+@pytest.mark.parametrize("h,w,cin,cout,g,k,s,pad", [
+    (9, 7, 6, 9, 3, 3, 2, ((1, 1), (1, 1))),
+    (8, 5, 8, 4, 2, 1, 1, ((0, 0), (0, 0))),
+    (7, 8, 12, 12, 4, 3, 1, ((2, 0), (1, 1))),
+])
+def test_grouped_paths(h, w, cin, cout, g, k, s, pad):
+  x = _rand(0, (2, h, w, cin))
+  kern = _rand(1, (k, k, cin // g, cout), 1.0 / k)
+  ref = lambda x, kern: kernels.conv_reference(x, kern, s, pad, 1, groups=g)
+  _check_paths(lambda impl: lambda x, kern: kernels.grouped_conv2d(x, kern, g, s, pad, impl=impl),
+               kernels.IMPLS["grouped"], ref, (x, kern))
+
+
+@pytest.mark.parametrize("h,w,cin,cout,g,k,s,d", [
+    (9, 7, 6, 8, 2, 1, 2, 1),    # grouped 1x1, stride 2 (the batched GEMM path)
+    (9, 7, 4, 8, 4, 3, 2, 2),    # depthwise, multiplier 2, stride 2, dilation 2
+    (9, 8, 3, 6, 1, 3, 2, 1),    # dense 3x3 (ParameterNet's stem)
+])
+def test_dynamic_paths(h, w, cin, cout, g, k, s, d):
+  b = 3
+  x = _rand(0, (b, h, w, cin))
+  kern = _rand(1, (b, k, k, cin // g, cout), 1.0 / k)
+  p = d * (k - 1) // 2
+  pad = ((p, p), (p, p))
+
+  def ref(x, kern):
+    return jnp.concatenate([kernels.conv_reference(x[i:i + 1], kern[i], s, pad, d, groups=g)
+                            for i in range(b)])
+
+  op = "dynamic_1x1" if k == 1 else "dynamic_kxk"
+  _check_paths(lambda impl: lambda x, kern: kernels.dynamic_conv2d(x, kern, s, pad, d, g, impl=impl),
+               kernels.IMPLS[op], ref, (x, kern))
+
+
+def test_conv_module_is_an_nn_conv_with_the_same_parameters_and_macs():
+  x = _rand(0, (2, 9, 7, 6))
+  layer = Conv2d(12, 3, 2, groups=6)
+  plain = nn.Conv(12, (3, 3), (2, 2), padding=((1, 1), (1, 1)), feature_group_count=6)
+  assert isinstance(layer, nn.Conv) and isinstance(layer, kernels.Conv)
+  variables = layer.init(jax.random.PRNGKey(0), x)
+  plain_vars = plain.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, plain_vars)
+  np.testing.assert_allclose(layer.apply(variables, x), plain.apply(variables, x), **TOL)
+  with counting() as got:
+    layer.apply(variables, x)
+  with counting() as want:
+    plain.apply(variables, x)
+  assert got == want and got["conv"] == 2 * 5 * 4 * 12 * 9
+
+
+def test_each_conv_module_path_agrees():
+  x = _rand(0, (2, 9, 7, 6))
+  for groups, impls in ((6, kernels.IMPLS["depthwise"]), (2, kernels.IMPLS["grouped"])):
+    outs = {}
+    for impl in impls:
+      layer = kernels.Conv(6, (3, 3), (2, 2), padding=((1, 1), (1, 1)),
+                           feature_group_count=groups, impl=impl)
+      variables = layer.init(jax.random.PRNGKey(0), x)
+      with kernels.recording() as record:
+        outs[impl] = layer.apply(variables, x)
+      assert [c.impl for c in record] == [impl]
+    a, b = outs.values()
+    np.testing.assert_allclose(a, b, **TOL)
+
+
+def test_resolution_order_and_errors(monkeypatch):
+  backend = jax.default_backend()
+  table = kernels.KERNEL_TABLE["depthwise"].get(backend, "xla")
+  other = "xla" if table == "shift" else "shift"
+  assert kernels.resolve("depthwise") == table
+  try:
+    kernels.set_default("depthwise", other)
+    assert kernels.resolve("depthwise") == other
+    with kernels.use(depthwise=table):
+      assert kernels.resolve("depthwise") == table           # context beats global
+      assert kernels.resolve("depthwise", other) == other   # per-call beats context
+  finally:
+    kernels.set_default("depthwise", None)
+  assert kernels.resolve("depthwise") == table
+  # An unmeasured backend falls back to XLA's library path.
+  monkeypatch.setattr(jax, "default_backend", lambda: "some_new_chip")
+  assert kernels.resolve("depthwise") == "xla"
+  with pytest.raises(ValueError, match="depthwise implementation"):
+    kernels.resolve("depthwise", "fft")
+  with pytest.raises(ValueError, match="unknown kernel op"):
+    with kernels.use(pointwise="xla"):
+      pass
+  with pytest.raises(ValueError, match="Conv impl"):
+    kernels.Conv(4, (3, 3), impl="magic")
+  with pytest.raises(ValueError, match="depthwise kernel"):
+    kernels.depthwise_conv2d(jnp.zeros((1, 5, 5, 4)), jnp.zeros((3, 3, 2, 4)))
+  with pytest.raises(ValueError, match="explicit"):
+    kernels.depthwise_conv2d(jnp.zeros((1, 5, 5, 4)), jnp.zeros((3, 3, 1, 4)), padding="SAME")
+
+
+def test_dense_and_foreign_layouts_go_to_lax_unchanged():
+  x = _rand(0, (1, 6, 5, 4))
+  dense = _rand(1, (3, 3, 4, 6))
+  with kernels.recording() as record:
+    y = kernels.conv_general_dilated(x, dense, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    nchw = kernels.conv_general_dilated(x.transpose(0, 3, 1, 2), _rand(2, (4, 1, 3, 3)), (1, 1),
+                                        ((1, 1), (1, 1)), feature_group_count=4)
+  assert record == []  # neither was routed
+  np.testing.assert_allclose(y, kernels.conv_reference(x, dense, 1, ((1, 1), (1, 1))), **TOL)
+  assert nchw.shape == (1, 4, 6, 5)
+
+
+def test_kernel_report_names_the_layer_and_logs(caplog):
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = Conv2d(8, 1, name="pw")(x)
+      return Conv2d(8, 3, groups=8, name="dw")(x)
+
+  with caplog.at_level(logging.DEBUG, logger="mobilevis_jax.kernels"):
+    report = kernels.kernel_report(Net(), (1, 8, 8, 3))
+  assert [(c.module, c.op) for c in report] == [("dw", "depthwise")]
+  assert report[0].impl == kernels.resolve("depthwise")
+  assert kernels.summarize(report) == {f"depthwise:{report[0].impl}": 1}
+  assert any("dw depthwise" in r.getMessage() for r in caplog.records)
+  with kernels.use(depthwise="xla"):
+    assert kernels.kernel_report(Net(), (1, 8, 8, 3))[0].impl == "xla"
