@@ -28,6 +28,7 @@ Three pieces live here:
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable
 
 import flax.linen as nn
@@ -54,6 +55,15 @@ METHODS = ("auto", "direct", "conv", "fft")
 FFT_CROSSOVER: dict[str, int | None] = {"cpu": 256, "gpu": None}
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_no_crossover(backend: str) -> None:
+  # 'direct' is exact everywhere and the fastest form at the sizes the models use on the measured
+  # backends; a backend without a measurement (TPU today) gets it, said once per process.
+  logging.getLogger(__name__).warning(
+      "ParC: no measured FFT crossover for backend %r (measured: %s); method='auto' uses 'direct'. "
+      "Pass method='fft' (or parc_method) to choose otherwise.", backend, sorted(FFT_CROSSOVER))
+
+
 def _resolve_method(method: str, n: int) -> str:
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -61,8 +71,8 @@ def _resolve_method(method: str, n: int) -> str:
     return method
   backend = jax.default_backend()
   if backend not in FFT_CROSSOVER:
-    raise ValueError(f"no measured FFT crossover for backend {backend!r} (have "
-                     f"{sorted(FFT_CROSSOVER)}); pass method='direct' or 'fft'")
+    _warn_no_crossover(backend)
+    return "direct"
   crossover = FFT_CROSSOVER[backend]
   return "fft" if crossover is not None and n >= crossover else "direct"
 

@@ -27,10 +27,7 @@ ORDER = ['default', 'repvit_m1_1_in1k', 'mobilevig_s_in1k', 'parcnet_s_in1k',
 # Recipes that cannot run on 8 devices until the data pipeline's samplers are fixed (issue 10):
 # ParC-Net's multi-scale batches (e.g. 163 images at 40x40 for base 64 at 64x64) are not
 # multiples of the device count; cvnets' sampler makes every per-device batch divisible.
-PIPELINE_BUGS = {
-    'parcnet_s_in1k': 'multi-scale batch sizes are not multiples of the 8 devices (data/pipeline.py '
-                      'multiscale_schedule; fixed by the cvnets variable-batch sampler)',
-}
+PIPELINE_BUGS: dict[str, str] = {}  # recipe -> known pipeline bug (strict xfail); none today
 # What makes a recipe: runlocal must keep these fields equal to the full recipe's.
 STRUCTURE = ('data.name', 'data.repeated_aug', 'data.normalization', 'data.randaugment',
              'data.mixup_alpha', 'data.cutmix_alpha', 'data.label_smoothing', 'distillation.type',
