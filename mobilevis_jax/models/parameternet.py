@@ -221,14 +221,15 @@ class GhostNet(nn.Module):
       raise ValueError("a features_only model has no head")
     act = ACTIVATIONS[self.act]
     last = make_divisible(self.table[-1][-1][1] * self.width, 4)
-    x = ConvNormAct(last, 1, act=act, dynamic=self.dynamic, dynamic_kwargs=self.dynamic_kwargs,
-                    name=f"blocks_{len(self.table)}_0")(x, train)
-    x = act(Conv2d(1280, 1, use_bias=True, name="conv_head")(jnp.mean(x, axis=(1, 2), keepdims=True)))
+    x = ConvBN(last, 1, act=act, conv=_dynamic_conv(self.dynamic, self.dynamic_kwargs),
+               name=f"blocks_{len(self.table)}_0")(x, train)
+    x = jnp.mean(x, axis=(1, 2), keepdims=True)
+    x = act(Conv2d(1280, 1, use_bias=True, bias_init=torch_default_bias_init, name="conv_head")(x))
     x = x.reshape(x.shape[0], -1)
     if pre_logits:
       return x
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, name="classifier")(x)
+    return Linear(self.num_classes, name="classifier")(x)
 
 
 # --- variants ----------------------------------------------------------------------------------

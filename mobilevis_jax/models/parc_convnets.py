@@ -256,7 +256,7 @@ class ParCResNet(nn.Module):
     if self.features_only:
       raise ValueError("a features_only model has no head")
     x = jnp.mean(x, axis=(1, 2))
-    return x if pre_logits else nn.Dense(self.num_classes, name="fc")(x)
+    return x if pre_logits else Linear(self.num_classes, name="fc")(x)
 
 
 # ==============================================================================================

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 import mobilevis_jax
@@ -203,6 +204,12 @@ def build_model(name: str, kwargs: dict, what: str = 'model') -> nn.Module:
   except TypeError as e:
     section = 'model_kwargs' if what == 'model' else 'distillation.teacher_model_kwargs'
     raise ConfigError(f'{what} {name!r} does not accept {section} {sorted(kwargs)}: {e}') from None
+
+
+def _flat(tree) -> dict[str, Any]:
+  """{'params/a/b': leaf} of a variables tree (for shape checks with readable key names)."""
+  return {jax.tree_util.keystr(p, simple=True, separator='/'): v
+          for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def load_teacher(cfg: ml_collections.ConfigDict, num_classes: int, image_size: int):
