@@ -238,7 +238,9 @@ def compare_tensor(ours: list[np.ndarray], ref: list[np.ndarray]) -> tuple[list[
     problems.append(f"std {mo['std']:.4g} vs {mr['std']:.4g} (tol {std_tol:.0%})")
   if abs(mo["mean"] - mr["mean"]) > 5.0 * mr["std"] * math.sqrt(2.0 / n):
     problems.append(f"mean {mo['mean']:.3g} vs {mr['mean']:.3g}")
-  if n >= 4096 and abs(mo["kurt"] - mr["kurt"]) > 6.0 * math.sqrt(24.0 / n):
+  # Floor 0.1: float32 inverse-CDF draws have slightly short tails (-0.03 at 2M values), while
+  # the shapes to tell apart differ by >= 0.6 (normal 0, 2-sigma truncated -0.64, uniform -1.2).
+  if n >= 4096 and abs(mo["kurt"] - mr["kurt"]) > max(0.1, 6.0 * math.sqrt(24.0 / n)):
     problems.append(f"shape (excess kurtosis) {mo['kurt']:.2f} vs {mr['kurt']:.2f}")
   if mr["kurt"] < -0.9 and n >= 256:  # a uniform draw: U(-b, b) has std b / sqrt(3)
     bound = math.sqrt(3.0) * mr["std"] * (1.0 + std_tol)
