@@ -6,10 +6,10 @@ JAX/Flax, faithful to the official PyTorch code, with a data-parallel trainer an
     >>> model = create_model('repvit_m1_1')
     >>> variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)), train=False)
 """
-from mobilevis_jax.models import can_fuse, create_model, fuse, list_models, model_info
+from mobilevis_jax.models import can_fuse, fuse, list_models, model_info
 from mobilevis_jax.models.registry import PretrainedCfg, feature_info
+from mobilevis_jax.pretrained import create_model, reset_classifier
 from mobilevis_jax.profiling import profile
-from mobilevis_jax.pretrained import reset_classifier
 
 __version__ = "0.1.0"
 __all__ = ["PretrainedCfg", "can_fuse", "create_model", "feature_info", "fuse", "list_models",

@@ -24,7 +24,8 @@ import functools
 import inspect
 import logging
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -47,6 +48,18 @@ HEAD_KWARGS = ("num_classes", "distillation", "features_only", "fused")
 
 class PretrainedFileError(ValueError):
   """A ``pretrained=`` path exists but cannot be read as weights (truncated, corrupt, wrong type)."""
+
+
+def create_model(name: str, pretrained: str | os.PathLike | None = None, *, out_indices=None,
+                 **kwargs: Any) -> nn.Module:
+  """``mobilevis_jax.create_model``: the registry's model, bound to the weights at ``pretrained``
+  when given (see :func:`mobilevis_jax.models.registry.create_model` for the arguments and
+  :func:`load_pretrained` for what is loaded)."""
+  from mobilevis_jax.models import registry
+  if pretrained is None:
+    return registry.create_model(name, out_indices=out_indices, **kwargs)
+  model, variables = load_pretrained(name, pretrained, out_indices=out_indices, **kwargs)
+  return model.bind(variables)
 
 
 def load_pretrained(name: str, path: str | os.PathLike, *, out_indices=None,
@@ -239,7 +252,7 @@ def _flat(tree) -> dict[tuple[str, ...], Any]:
   return traverse_util.flatten_dict(nn.unbox(dict(tree)))
 
 
-def head_modules(model: nn.Module) -> dict[str, Any]:  
+def head_modules(model: nn.Module) -> dict[str, Any]:
   """The top-level modules of a classifier that make up its head.
 
   ``head``: everything a ``features_only`` model does not have (pooling convs included);
@@ -380,39 +393,3 @@ def reset_classifier(model: nn.Module, variables: Mapping, num_classes: int, *,
 # --- the eval transform -------------------------------------------------------------------------
 
 EVAL_FIELDS = ("crop_pct", "eval_interpolation", "normalization")
-
-
-def eval_data_overrides(name: str, data_cfg) -> dict[str, Any]:
-  """The eval-transform fields of ``data_cfg`` that ``name``'s pretrained_cfg sets.
-
-  A field the recipe left at the data default (``data.config.default_data_config``) takes the
-  model's value; a field the recipe changed is the recipe's. The pipeline knows the ImageNet
-  mean/std and ParC-Net's BGR convention; another mean/std is an error, not a silent fallback.
-  """
-  from mobilevis_jax.data.config import default_data_config
-  cfg = model_info(name).pretrained_cfg
-  if cfg is None:  # a model registered outside the package: the recipe decides
-    return {}
-  if cfg.input_convention == "parc_bgr":
-    normalization = "parc_bgr"
-  elif (tuple(cfg.mean), tuple(cfg.std)) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)):
-    normalization = "imagenet"
-  else:
-    raise ValueError(f"{name}: pretrained_cfg mean/std {cfg.mean}/{cfg.std} is not one the data "
-                     "pipeline implements (imagenet, parc_bgr)")
-  values = {"crop_pct": float(cfg.crop_pct), "eval_interpolation": cfg.interpolation,
-            "normalization": normalization}
-  defaults = default_data_config()
-  return {k: v for k, v in values.items() if data_cfg[k] == defaults[k] and data_cfg[k] != v}
-
-
-def eval_data_config(name: str, data_cfg):
-  """A copy of ``data_cfg`` whose eval transform follows ``name``'s pretrained_cfg where the
-  recipe does not override it (see :func:`eval_data_overrides`)."""
-  overrides = eval_data_overrides(name, data_cfg)
-  out = data_cfg.copy_and_resolve_references()
-  for k, v in overrides.items():
-    out[k] = v
-  if overrides:
-    log.info("%s: eval transform from its pretrained_cfg: %s", name, overrides)
-  return out

@@ -19,6 +19,7 @@ from mobilevis_jax import interop, pretrained
 from mobilevis_jax.interop import StateDictError
 from mobilevis_jax.models import pretrained_cfgs
 from mobilevis_jax.models.registry import abstract_variables, model_info
+from mobilevis_jax.train import eval_transform
 from mobilevis_jax.train.checkpoint import save_variables
 
 # (model, layout, model kwargs of the checkpoint): the smallest variant of every family, in
@@ -263,17 +264,17 @@ def test_pretrained_cfg_sets_the_eval_transform(monkeypatch):
     return transforms.normalize(img, data_cfg.normalization).numpy()
 
   recipe = data_config.default_data_config()
-  parc = pretrained.eval_data_config("parcnet_xs", recipe)
+  parc = eval_transform.eval_data_config("parcnet_xs", recipe)
   assert (parc.normalization, parc.eval_interpolation, parc.crop_pct) == ("parc_bgr", "bilinear", 256 / 288)
   # a recipe value that is not the data default wins over the model's
   recipe_bicubic = recipe.copy_and_resolve_references()
   recipe_bicubic.normalization = "none"
-  assert pretrained.eval_data_config("parcnet_xs", recipe_bicubic).normalization == "none"
+  assert eval_transform.eval_data_config("parcnet_xs", recipe_bicubic).normalization == "none"
 
-  before = eval_image(pretrained.eval_data_config("repvit_m0_6", recipe))
+  before = eval_image(eval_transform.eval_data_config("repvit_m0_6", recipe))
   changed = dataclasses.replace(pretrained_cfgs._TABLE["repvit_m0_6"], crop_pct=0.5, interpolation="bilinear")
   monkeypatch.setitem(pretrained_cfgs._TABLE, "repvit_m0_6", changed)
-  cfg = pretrained.eval_data_config("repvit_m0_6", recipe)
+  cfg = eval_transform.eval_data_config("repvit_m0_6", recipe)
   assert (cfg.crop_pct, cfg.eval_interpolation) == (0.5, "bilinear")
   assert np.abs(eval_image(cfg) - before).max() > 0.1
 
@@ -281,6 +282,7 @@ def test_pretrained_cfg_sets_the_eval_transform(monkeypatch):
 def test_mobilevis_eval_uses_the_pretrained_cfg(made, monkeypatch):
   """`mobilevis eval` of an imported checkpoint hands the model's transform to the data pipeline."""
   import dataclasses
+
   from mobilevis_jax.train import default_config, train
   seen = {}
 

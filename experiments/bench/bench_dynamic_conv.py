@@ -24,13 +24,11 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from mobilevis_jax.timing import median_ms
 
 from mobilevis_jax.layers import Conv2d
 from mobilevis_jax.layers.dynamic_conv import STRATEGIES, DynamicConv
 from mobilevis_jax.profiling import count_params, counting
+from mobilevis_jax.timing import median_ms
 
 # (name, spatial size, in channels, out channels, kernel, groups)
 LAYERS = [

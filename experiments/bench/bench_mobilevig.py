@@ -27,10 +27,9 @@ import mobilevis_jax as mv  # noqa: E402
 from mobilevis_jax import interop  # noqa: E402
 
 
-
-
 def main(argv=None):
   import torch
+
   from tests.torch_refs.mobilevig import build
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

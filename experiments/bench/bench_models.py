@@ -231,8 +231,9 @@ def bench_model(name, spec, batches, modes, reps_for, log):
         jfn = jax_forward(fused_model, fused_vars, xj)
         tfns = {"torch": torch_forward(torch_fuse(refs["torch"].eval()), xt)} if torch_fuse else {}
         if "timm" in refs:
-          from timm.utils.model import reparameterize_model
           import copy
+
+          from timm.utils.model import reparameterize_model
           tfns["timm"] = torch_forward(reparameterize_model(copy.deepcopy(refs["timm"]).eval()), xt)
       else:
         jfn = jax_train_step(model, variables, xj, yj)

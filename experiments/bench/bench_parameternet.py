@@ -33,8 +33,6 @@ from mobilevis_jax.models import create_model  # noqa: E402
 from mobilevis_jax.models.parameternet import PARAMETERNET_TABLE, GhostNet  # noqa: E402
 
 
-
-
 def random_variables(model, x):
   """Random weights from the abstract shapes: compiling ``model.init`` of a ParameterNet (88 expert
   banks) takes minutes on CPU, and timing does not depend on the values."""
@@ -71,6 +69,7 @@ def torch_forward(model, resolution: int, batch: int):
 def pairs(quick: bool):
   """(label, JAX model, PyTorch model factory) triples."""
   import timm
+
   from tests.torch_refs import parameternet as refs
   if quick:  # three config groups of the ParameterNet table at half width: compiles in seconds
     rows, table = refs.PARAMETERNET_ROWS[3:6], PARAMETERNET_TABLE[3:6]

@@ -23,7 +23,6 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mobilevis_jax.layers import parc
 from mobilevis_jax.timing import median_ms

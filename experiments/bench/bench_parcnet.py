@@ -25,8 +25,6 @@ from mobilevis_jax.timing import median_ms  # noqa: E402
 from tests.torch_refs.parcnet import ParCNetRef  # noqa: E402
 
 
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true")

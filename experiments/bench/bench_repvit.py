@@ -29,8 +29,6 @@ import mobilevis_jax as mv  # noqa: E402
 from mobilevis_jax.interop import from_torch_state_dict  # noqa: E402
 
 
-
-
 def main(argv=None) -> list[dict]:
   import torch
 

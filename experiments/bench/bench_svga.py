@@ -20,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobilevis_jax.timing import median_ms
-
 from mobilevis_jax.layers import knn_graph, svga
+from mobilevis_jax.timing import median_ms
 
 # (height = width, channels, ViG key pooling ratio at that scale)
 SETTINGS = [(7, 256, 1), (14, 240, 1), (28, 96, 2), (56, 48, 4)]

@@ -71,6 +71,7 @@ def bench_jax(model_name, resolution, batch, steps, warmup, half):
 def bench_torch(model_name, resolution, batch, steps, warmup, device, half):
   import torch
   import torch.nn.functional as F
+
   from tests.torch_refs.repvit import RepViT
 
   torch.manual_seed(0)

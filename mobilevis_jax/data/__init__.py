@@ -35,7 +35,12 @@ from mobilevis_jax.data import pipeline, synthetic
 from mobilevis_jax.data.config import default_data_config, validate_data_config
 from mobilevis_jax.data.image_check import CorruptImageError
 from mobilevis_jax.data.pipeline import (
-    TrainSchedule, dataset_info, eval_iterator, train_iterator, train_schedule)
+  TrainSchedule,
+  dataset_info,
+  eval_iterator,
+  train_iterator,
+  train_schedule,
+)
 from mobilevis_jax.data.sources import prepare
 
 __all__ = ["CorruptImageError", "TrainSchedule", "dataset_info", "default_data_config",

@@ -58,13 +58,14 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-# The channel-rounding rule cvnets also uses for its per-device batch (one home: layers.conv);
-# importing it pulls in flax only, never a model.
-from mobilevis_jax.layers.conv import make_divisible
 from mobilevis_jax.data import config as config_lib
 from mobilevis_jax.data import sources, transforms
 from mobilevis_jax.data.image_check import CorruptImageError
 from mobilevis_jax.data.randaugment import _op_dispatcher, parse_randaugment, randaugment
+
+# The channel-rounding rule cvnets also uses for its per-device batch (one home: layers.conv);
+# importing it pulls in flax only, never a model.
+from mobilevis_jax.layers.conv import make_divisible
 
 log = logging.getLogger(__name__)
 

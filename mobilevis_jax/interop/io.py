@@ -7,7 +7,7 @@ of tensors, so a checkpoint with a code payload is rejected instead of run.
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

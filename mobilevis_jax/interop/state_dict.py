@@ -6,7 +6,8 @@ match, and every Flax leaf must be mapped. Errors name the offending keys.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp

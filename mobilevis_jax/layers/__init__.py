@@ -6,9 +6,19 @@ The family-specific operators (ParC, SVGA, dynamic convolution) live in their ow
 """
 from mobilevis_jax.layers import reparam
 from mobilevis_jax.layers.activations import gelu, hard_sigmoid, hard_swish, relu, relu6, silu
-from mobilevis_jax.layers.conv import (Conv, Conv2d, ConvBN, Dense, Linear, explicit_padding,
-                                       kaiming_normal_init, make_divisible, torch_default_bias_init,
-                                       torch_default_kernel_init, trunc_normal_init)
+from mobilevis_jax.layers.conv import (
+                                       Conv,
+                                       Conv2d,
+                                       ConvBN,
+                                       Dense,
+                                       Linear,
+                                       explicit_padding,
+                                       kaiming_normal_init,
+                                       make_divisible,
+                                       torch_default_bias_init,
+                                       torch_default_kernel_init,
+                                       trunc_normal_init,
+)
 from mobilevis_jax.layers.norm import BatchNorm, sync_batch_stats
 from mobilevis_jax.layers.regularization import DropPath, LayerScale
 from mobilevis_jax.layers.squeeze_excite import SqueezeExcite

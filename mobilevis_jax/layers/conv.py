@@ -7,7 +7,8 @@ what ``nn.Conv2d(padding=k//2)`` does, and the shift shows up as a 1e-1 logit mi
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -48,7 +48,7 @@ many feature groups is slow (see ``layers/kernels.py``).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax

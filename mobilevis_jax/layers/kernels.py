@@ -50,7 +50,8 @@ import contextvars
 import dataclasses
 import functools
 import logging
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -78,8 +79,9 @@ KERNEL_TABLE: dict[str, dict[str, str]] = {
 _FALLBACK = {"depthwise": "xla", "grouped": "xla", "dynamic_1x1": "vmap", "dynamic_kxk": "vmap"}
 
 _GLOBAL: dict[str, str] = {}
+# The default dict is never mutated: `use()` sets a new dict per context.
 _CONTEXT: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("kernel_impls",
-                                                                          default={})
+                                                                          default={})  # noqa: B039
 _RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar("kernel_record",
                                                                       default=None)
 _MODULE_PATH: contextvars.ContextVar[str] = contextvars.ContextVar("kernel_module", default="")
@@ -370,7 +372,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       precision=precision, preferred_element_type=preferred_element_type)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _nhwc_numbers(ndim: int):
   return jax.lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, _NHWC)
 

@@ -16,7 +16,8 @@ import collections
 import contextlib
 import contextvars
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import flax.linen as nn
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -55,7 +55,7 @@ METHODS = ("auto", "direct", "conv", "fft")
 FFT_CROSSOVER: dict[str, int | None] = {"cpu": 256, "gpu": None}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_no_crossover(backend: str) -> None:
   # 'direct' is exact everywhere and the fastest form at the sizes the models use on the measured
   # backends; a backend without a measurement (TPU today) gets it, said once per process.
@@ -80,7 +80,7 @@ def _resolve_method(method: str, n: int) -> str:
 # ----------------------------------------------------------------------------------------------
 # Resampling of meta kernels / position embeddings
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _align_corners_taps(size_in: int, size_out: int):
   """Left tap, right tap and right weight of align_corners=True linear interpolation."""
   # Positions are computed in float32 like PyTorch's CPU kernel, so the blend weights match bit
@@ -142,7 +142,7 @@ def _check_operands(x: jax.Array, kernel: jax.Array, axis: int, dense: bool) -> 
   return n
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _circulant_index(n: int) -> np.ndarray:
   """``idx[i, j] = (j - i) mod n``: row i of the circulant matrix reads tap (j - i) mod n."""
   return (np.arange(n)[None, :] - np.arange(n)[:, None]) % n

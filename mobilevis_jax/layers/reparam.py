@@ -7,7 +7,7 @@ layer is one dictionary lookup away from the unfused variables.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax.numpy as jnp
 

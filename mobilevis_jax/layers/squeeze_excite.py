@@ -1,7 +1,7 @@
 """Squeeze-and-excitation: a channel gate computed from the globally pooled input."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax

@@ -16,7 +16,7 @@ odd or even, e.g. 42x25 detection maps) and the op jit-compiles to a fixed graph
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mobilevis_jax.layers import BatchNorm, Conv2d, ConvBN, DropPath, LayerScale, gelu
-from mobilevis_jax.layers.macs import add_macs
 from mobilevis_jax.layers.knn_graph import KnnGraphConv
+from mobilevis_jax.layers.macs import add_macs
 from mobilevis_jax.layers.svga import FFN, Grapher, MRConv4d, conv_init
 from mobilevis_jax.models.registry import register_model, register_profile_hook
 

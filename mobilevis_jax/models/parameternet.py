@@ -38,15 +38,26 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mobilevis_jax.layers import (BatchNorm, Conv2d, ConvBN, DropPath, Linear, SqueezeExcite,
-                                  hard_sigmoid, hard_swish, make_divisible, relu,
-                                  torch_default_bias_init)
+from mobilevis_jax.layers import (
+  BatchNorm,
+  Conv2d,
+  ConvBN,
+  DropPath,
+  Linear,
+  SqueezeExcite,
+  hard_sigmoid,
+  hard_swish,
+  make_divisible,
+  relu,
+  torch_default_bias_init,
+)
 from mobilevis_jax.layers.dynamic_conv import DynamicConv
 from mobilevis_jax.models.registry import register_model
 

@@ -34,18 +34,28 @@ Parameter counts equal the official modules': 7,412,824 / 23,737,640 / 3,532,136
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobilevis_jax.layers import (BatchNorm, Conv2d, ConvBN, DropPath, LayerScale, Linear, gelu,
-                                  kaiming_normal_init, relu, relu6, trunc_normal_init)
+from mobilevis_jax.layers import (
+  BatchNorm,
+  Conv2d,
+  ConvBN,
+  DropPath,
+  LayerScale,
+  Linear,
+  gelu,
+  kaiming_normal_init,
+  relu,
+  relu6,
+  trunc_normal_init,
+)
 from mobilevis_jax.layers.parc import ParCConv
 from mobilevis_jax.models.registry import register_model
-
 
 # torch's kaiming_normal_(mode='fan_out') with a ReLU gain, as the official ResNet/MobileNetV2
 # initialise their convolutions, ParC kernels included. ParC kernels are HWIO like any conv here,

@@ -31,14 +31,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mobilevis_jax.layers import (BatchNorm, Conv2d, ConvBN, hard_sigmoid, hard_swish,
-                                  kaiming_normal_init, make_divisible, silu, trunc_normal_init)
+from mobilevis_jax.layers import (
+  BatchNorm,
+  Conv2d,
+  ConvBN,
+  hard_sigmoid,
+  hard_swish,
+  kaiming_normal_init,
+  make_divisible,
+  silu,
+  trunc_normal_init,
+)
 from mobilevis_jax.layers.parc import ParCConv, parc_hw_fused, resample_1d
 from mobilevis_jax.models.registry import register_model, register_profile_hook
 

@@ -11,7 +11,7 @@ the paper's latency with the device it was measured on. ``None`` where nothing w
 """
 from __future__ import annotations
 
-from mobilevis_jax.models.registry import PretrainedCfg, list_models, model_info
+from mobilevis_jax.models.registry import _PRETRAINED_CFGS, PretrainedCfg, list_models, model_info
 
 _REPVIT = dict(crop_pct=0.875, interpolation="bicubic", distillation=True,
                timm_differences=(("crop_pct", 0.95),),
@@ -37,7 +37,7 @@ _PARC_CONVNETS = dict(crop_pct=0.875, interpolation="bicubic",
                              "with the ConvNeXt code (README: 'ConvNeXt recipe'), whose eval is "
                              "Resize 256 bicubic -> CenterCrop 224; latency: README, CPU")
 
-_TABLE: dict[str, PretrainedCfg] = {}
+_TABLE: dict[str, PretrainedCfg] = _PRETRAINED_CFGS  # the registry's table, filled here
 
 
 def _add(name: str, top1: float | None = None, latency_ms=None, **kw) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -32,11 +33,10 @@ class ModelInfo:
   factory: Callable[..., nn.Module]
 
   @property
-  def pretrained_cfg(self) -> "PretrainedCfg | None":
+  def pretrained_cfg(self) -> PretrainedCfg | None:
     """Preprocessing and reference numbers of the model's weights (``models/pretrained_cfgs.py``;
     None for a model registered outside the package)."""
-    from mobilevis_jax.models.pretrained_cfgs import pretrained_cfg  # the table imports this module
-    return pretrained_cfg(self.name)
+    return _PRETRAINED_CFGS.get(self.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +70,7 @@ class PretrainedCfg:
   timm_differences: tuple[tuple[str, Any], ...] = ()
   source: str = ""
 
-  def timm(self) -> "PretrainedCfg":
+  def timm(self) -> PretrainedCfg:
     """The same cfg with timm's values where timm differs (e.g. RepViT's crop_pct 0.95)."""
     return dataclasses.replace(self, **dict(self.timm_differences), timm_differences=())
 
@@ -79,6 +79,9 @@ class PretrainedCfg:
 
 
 _MODELS: dict[str, ModelInfo] = {}
+# Filled by models/pretrained_cfgs.py (imported by models/__init__ after the families), so the
+# registry never imports the table that builds on it.
+_PRETRAINED_CFGS: dict[str, PretrainedCfg] = {}
 _FUSERS: dict[type, Callable] = {}
 _PROFILE_HOOKS: dict[str, Callable] = {}
 
@@ -126,6 +129,9 @@ def model_info(name: str) -> ModelInfo:
 
 def create_model(name: str, pretrained: str | None = None, *,
                  out_indices: Sequence[int] | None = None, **kwargs: Any) -> nn.Module:
+  # `mobilevis_jax.create_model` is `mobilevis_jax.pretrained.create_model`, which loads weights
+  # and then builds through this function; the registry itself never reads checkpoints (that
+  # would make models import interop and the top level).
   """Build a registered model, e.g. ``create_model('repvit_m1_1', num_classes=10)``.
 
   Args:
@@ -141,9 +147,8 @@ def create_model(name: str, pretrained: str | None = None, *,
     **kwargs: the factory's arguments (``num_classes``, ``distillation``, ``features_only``, ...).
   """
   if pretrained is not None:
-    from mobilevis_jax.pretrained import load_pretrained  # it builds on this module
-    model, variables = load_pretrained(name, pretrained, out_indices=out_indices, **kwargs)
-    return model.bind(variables)
+    raise TypeError("models.registry.create_model builds untrained models; load weights with "
+                    "mobilevis_jax.create_model(name, pretrained=PATH)")
   model = model_info(name).factory(**kwargs)
   if out_indices is not None:
     if not kwargs.get("features_only"):

@@ -29,14 +29,24 @@ next stage's pre-block (timm's definition, equal to the official detection ``out
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mobilevis_jax.layers import (BatchNorm, Conv2d, ConvBN, SqueezeExcite, gelu, make_divisible,
-                                  reparam, torch_default_bias_init, trunc_normal_init)
+from mobilevis_jax.layers import (
+  BatchNorm,
+  Conv2d,
+  ConvBN,
+  SqueezeExcite,
+  gelu,
+  make_divisible,
+  reparam,
+  torch_default_bias_init,
+  trunc_normal_init,
+)
 from mobilevis_jax.models.registry import register_fuse, register_model
 
 

@@ -21,7 +21,8 @@ import difflib
 import glob
 import importlib.util
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 

@@ -15,10 +15,8 @@ import functools
 import logging
 import math
 import os
-import re
-import signal
-import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,11 +29,18 @@ import mobilevis_jax
 from mobilevis_jax.train import best as best_lib
 from mobilevis_jax.train import checkpoint as ckpt_lib
 from mobilevis_jax.train import distributed, metrics_log, optim
+
 # Re-exported: the step's names are part of this module's API (tests, benchmarks, notebooks).
 from mobilevis_jax.train.checkpoint import merge_pretrained  # noqa: F401
-from mobilevis_jax.train.step import (StepOptions, TrainState, make_eval_step,  # noqa: F401
-                                      make_targets, make_train_step, per_device_eval_step,
-                                      per_device_train_step)
+from mobilevis_jax.train.step import (  # noqa: F401
+  StepOptions,
+  TrainState,
+  make_eval_step,
+  make_targets,
+  make_train_step,
+  per_device_eval_step,
+  per_device_train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +420,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: str, *, devi
   if not os.path.isdir(ckpt_lib.checkpoint_dir(checkpoint)):
     # Weights from elsewhere (`mobilevis import`): their own eval preprocessing (pretrained_cfg)
     # wherever the recipe keeps the data defaults. A work directory keeps its recipe's transform.
-    from mobilevis_jax.pretrained import eval_data_config  # pylint: disable=import-outside-toplevel
+    from mobilevis_jax.train.eval_transform import eval_data_config
     cfg = cfg.copy_and_resolve_references()
     cfg.data = eval_data_config(meta.get('model_name') or cfg.model, cfg.data)
   source = data.get_source(cfg.data.name)

@@ -1,5 +1,4 @@
 """Per-image transforms against torchvision/PIL semantics and their defining statistics."""
-import io
 import math
 
 import numpy as np

@@ -12,8 +12,13 @@ import numpy as np
 import pytest
 
 from mobilevis_jax import create_model
-from mobilevis_jax.interop import (StateDictError, from_torch_state_dict, load_state_dict,
-                                   save_state_dict, to_torch_state_dict)
+from mobilevis_jax.interop import (
+  StateDictError,
+  from_torch_state_dict,
+  load_state_dict,
+  save_state_dict,
+  to_torch_state_dict,
+)
 
 NAME = "repvit_m0_6"
 

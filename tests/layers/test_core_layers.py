@@ -42,7 +42,8 @@ def test_batchnorm_1d_on_vectors():
 
 def test_sync_batch_stats_averages_over_devices():
   """Under shard_map with sync BN, per-device batches normalise with the global statistics."""
-  from jax.sharding import Mesh, PartitionSpec as P
+  from jax.sharding import Mesh
+  from jax.sharding import PartitionSpec as P
   mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
   x = jnp.asarray(np.random.default_rng(2).normal(size=(6, 3, 3, 4)).astype(np.float32))
   bn = layers.BatchNorm()

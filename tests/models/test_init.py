@@ -160,8 +160,9 @@ def _parc_mobilenetv2_init(model):
 
 
 def _torch_builders():
-  from tests.torch_refs import mobilevig, parameternet, parc_convnets, parcnet, repvit
   import timm
+
+  from tests.torch_refs import mobilevig, parameternet, parc_convnets, parcnet, repvit
   return {
       # name: (layout, builder of a freshly initialised official model, JAX model kwargs)
       "repvit_m0_6": ("official", lambda: repvit.RepViT("repvit_m0_6", distillation=True),

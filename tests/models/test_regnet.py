@@ -270,6 +270,7 @@ def test_mobilevis_import_is_what_the_trainer_reads(small_ref, tmp_path):
   way ``train.py`` reads ``distillation.teacher_checkpoint``; then ``mobilevis export`` gives the
   file's tensors back."""
   import torch
+
   from mobilevis_jax.train.checkpoint import restore_variables
   sd = _state_dict_numpy(small_ref)
   weights = tmp_path / f"{SMALL}.safetensors"

@@ -38,6 +38,7 @@ def _parameternet(torch):
 
 def _ghostnet_timm(torch):
   import timm
+
   from tests.torch_refs.parameternet import randomize_bn
   return randomize_bn(timm.create_model("ghostnet_100"), seed=3), "timm", {}, dict(drop_rate=0.0)
 
@@ -103,6 +104,7 @@ def test_batchnorm_train_mode_is_as_accurate_as_torch(shift):
   torch = pytest.importorskip("torch")
   import jax
   import jax.numpy as jnp
+
   from mobilevis_jax.layers import BatchNorm
   rs = np.random.RandomState(0)
   x = (shift + rs.randn(4, 1, 1, 64)).astype(np.float32)

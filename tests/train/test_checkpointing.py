@@ -114,8 +114,8 @@ def test_nan_loss_stops_with_diagnostic_and_keeps_last_good_checkpoint(tmp_path)
 
 
 def test_nan_loss_cli_exit_code(tmp_path):
-  from mobilevis_jax.train import main
   import tests.train.tiny_model  # noqa: F401
+  from mobilevis_jax.train import main
   code = main.main(['--config', CONFIG, '--workdir', str(tmp_path), '--config.num_train_steps=6',
                     '--config.data.synthetic_nan_step=1', '--config.checkpoint_async=false'])
   assert code == 3

@@ -113,7 +113,9 @@ def test_batch_layout_errors_say_what_to_change():
 
 def test_wrong_teacher_checkpoint_fails_naming_the_fix(tmp_path):
   import jax
-  from mobilevis_jax.train import checkpoint as ckpt_lib, train
+
+  from mobilevis_jax.train import checkpoint as ckpt_lib
+  from mobilevis_jax.train import train
   from tests.train.tiny_model import TinyCNN
   tvars = jax.device_get(train.init_variables(TinyCNN(num_classes=10), jax.random.PRNGKey(0), 16))
   ckpt_lib.save_variables(str(tmp_path / 't'), tvars, model_name='trainer_test_tiny_cnn',

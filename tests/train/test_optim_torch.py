@@ -71,10 +71,11 @@ def _random_variables(model, resolution, seed):
 def test_full_recipe_step_equals_torch_adamw_with_timm_agc_and_param_groups():
   """Three optimiser steps of the RepViT recipe (AdamW eps 1e-8, wd 0.025 with timm's no-decay
   filter, AGC 0.02, lr 4e-3) on RepViT-M0.6's parameters: same weights, same gradients."""
-  import mobilevis_jax
-  from mobilevis_jax.interop import to_torch_state_dict, from_torch_state_dict
   from timm.optim import param_groups_weight_decay
   from timm.utils.agc import adaptive_clip_grad
+
+  import mobilevis_jax
+  from mobilevis_jax.interop import from_torch_state_dict, to_torch_state_dict
   cfg = config_lib.load_config('repvit_m1_1_in1k', ['optimizer.warmup_epochs=0'])
   name, kw = 'repvit_m0_6', {'num_classes': 10, 'distillation': True}
   model = mobilevis_jax.create_model(name, **kw)
@@ -133,9 +134,10 @@ def test_full_recipe_step_equals_torch_adamw_with_timm_agc_and_param_groups():
 
 def test_layer_decay_multipliers_equal_timm_ghostnet():
   """The fine-tune recipe's layer groups give every parameter timm's lr_scale for GhostNet."""
+  from timm.optim import param_groups_layer_decay
+
   import mobilevis_jax
   from mobilevis_jax.interop import to_torch_state_dict
-  from timm.optim import param_groups_layer_decay
   cfg = config_lib.load_config('parameternet_600m_in22k_ft_in1k')
   name = 'ghostnet_100'  # the same GhostNet tree as parameternet_600m, with a timm twin
   model = mobilevis_jax.create_model(name, num_classes=10)

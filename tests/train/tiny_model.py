@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mobilevis_jax import layers
-from mobilevis_jax.models.registry import register_model, list_models
+from mobilevis_jax.models.registry import list_models, register_model
 
 TINY = 'trainer_test_tiny_cnn'
 

@@ -20,9 +20,10 @@ def data_parallel(out_path):
   """One step of the same global batch on a 1-device and on an all-device mesh."""
   import jax
   import numpy as np
+
   from mobilevis_jax.train import distributed, optim, train
-  from tests.train.tiny_model import TinyCNN
   from tests.train import tiny_config
+  from tests.train.tiny_model import TinyCNN
 
   cfg = tiny_config.get_config()
   cfg.ema_decay = 0.0
@@ -81,15 +82,19 @@ def data_parallel(out_path):
 def recipes(out_path, tmp, names):
   """Fake ImageNet through TFDS's imagenet2012 builder, a tiny teacher checkpoint, then 2 steps of
   each named recipe's runlocal version through the CLI; one JSON record per recipe."""
-  import io
   import contextlib
+  import io
   import time
   import traceback
-  from mobilevis_jax import data  # noqa: F401  (native-library load order, see data/__init__)
-  from mobilevis_jax.data import cli as data_cli, fake_archives
-  from mobilevis_jax.train import checkpoint as ckpt_lib, main, train
-  from tests.train.tiny_model import TinyCNN
+
   import jax
+
+  from mobilevis_jax import data  # noqa: F401  (native-library load order, see data/__init__)
+  from mobilevis_jax.data import cli as data_cli
+  from mobilevis_jax.data import fake_archives
+  from mobilevis_jax.train import checkpoint as ckpt_lib
+  from mobilevis_jax.train import main, train
+  from tests.train.tiny_model import TinyCNN
 
   t0 = time.time()
   manual, data_dir = os.path.join(tmp, 'manual'), os.path.join(tmp, 'tfds')
@@ -167,6 +172,7 @@ if __name__ == '__main__':
     if sleep:
       import functools
       import time
+
       from mobilevis_jax.train import train
       train.train_and_evaluate = functools.partial(train.train_and_evaluate,
                                                    on_step=lambda step: time.sleep(sleep))
