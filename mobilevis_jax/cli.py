@@ -52,8 +52,18 @@ def cmd_export(args) -> int:
     raise SystemExit(f"checkpoint {args.checkpoint} holds {meta['model_name']!r}, not {args.model!r}")
   kwargs = {**meta.get("model_kwargs", {}), **_model_kwargs(args)}
   sd = interop.to_torch_state_dict(args.model, variables, layout=args.layout, **kwargs)
-  interop.save_state_dict(sd, args.out)
-  print(f"wrote {len(sd)} tensors ({args.layout} layout) to {args.out}")
+  # The file says how to feed the model: its pretrained_cfg (eval transform, input convention)
+  # travels with the weights, so whoever loads them preprocesses as the model expects.
+  import dataclasses
+
+  from mobilevis_jax.models import model_info
+  cfg = model_info(args.model).pretrained_cfg
+  metadata = {"mobilevis_model": args.model, "layout": args.layout}
+  if cfg is not None:
+    metadata["pretrained_cfg"] = json.dumps(dataclasses.asdict(cfg))
+  interop.save_state_dict(sd, args.out, metadata=metadata)
+  print(f"wrote {len(sd)} tensors ({args.layout} layout) to {args.out}; eval transform: "
+        + (f"crop_pct {cfg.crop_pct}, {cfg.interpolation}, {cfg.input_convention}" if cfg else "-"))
   return 0
 
 

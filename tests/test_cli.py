@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mobilevis_jax import cli, create_model, interop
+from mobilevis_jax import cli, create_model, interop, model_info
 
 MODEL = "repvit_m0_6"
 
@@ -43,6 +43,24 @@ def test_import_then_export_round_trip(tmp_path):
   assert list(exported) == list(expected)
   for k in expected:
     np.testing.assert_array_equal(exported[k], expected[k], err_msg=k)
+
+
+def test_export_carries_the_pretrained_cfg(tmp_path):
+  """The exported file names its model and layout and holds the model's eval transform."""
+  model = create_model(MODEL)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  from mobilevis_jax.train.checkpoint import save_variables
+  save_variables(str(tmp_path / "ckpt"), variables, model_name=MODEL)
+  out = tmp_path / "out.safetensors"
+  assert cli.main(["export", "--model", MODEL, "--checkpoint", str(tmp_path / "ckpt"),
+                   "--out", str(out)]) == 0
+  meta = interop.read_metadata(out)
+  assert (meta["mobilevis_model"], meta["layout"]) == (MODEL, "official")
+  cfg = json.loads(meta["pretrained_cfg"])
+  expected = model_info(MODEL).pretrained_cfg
+  assert (cfg["crop_pct"], cfg["interpolation"], cfg["input_convention"]) == (
+      expected.crop_pct, expected.interpolation, expected.input_convention)
+  assert len(interop.load_state_dict(out)) == len(interop.to_torch_state_dict(MODEL, variables))
 
 
 def test_export_refuses_a_checkpoint_of_another_model(tmp_path):

@@ -27,19 +27,47 @@ def _require_torch():
 
 
 def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike,
-                    checkpoint_key: str | None = "model") -> None:
-  """Write a state_dict as ``.safetensors`` or as a ``.pth`` holding ``{checkpoint_key: sd}``."""
+                    checkpoint_key: str | None = "model",
+                    metadata: Mapping[str, str] | None = None) -> None:
+  """Write a state_dict as ``.safetensors`` or as a ``.pth`` holding ``{checkpoint_key: sd}``.
+
+  ``metadata`` (strings) goes into the safetensors header, or beside the state_dict under
+  ``"metadata"`` in a ``.pth`` (which then needs a ``checkpoint_key``); :func:`read_metadata`
+  reads it back.
+  """
   path = os.fspath(path)
   arrays = {k: np.ascontiguousarray(_to_numpy(v)) for k, v in state_dict.items()}
+  metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
   if path.endswith(".safetensors"):
     from safetensors.numpy import save_file
-    save_file(arrays, path)
+    save_file(arrays, path, metadata=metadata or None)
   elif path.endswith(PTH_SUFFIXES):
     torch = _require_torch()
     sd = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
-    torch.save({checkpoint_key: sd} if checkpoint_key else sd, path)
+    if metadata and not checkpoint_key:
+      raise ValueError("a .pth with metadata needs a checkpoint_key (the state_dict's entry)")
+    obj = {checkpoint_key: sd} if checkpoint_key else sd
+    if metadata:
+      obj["metadata"] = metadata
+    torch.save(obj, path)
   else:
     raise ValueError(f"unknown weight file type {path!r}: use .safetensors or .pth")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+  """The string metadata :func:`save_state_dict` wrote ({} when the file has none)."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(path)
+  if path.endswith(".safetensors"):
+    from safetensors import safe_open
+    with safe_open(path, framework="numpy") as f:
+      return dict(f.metadata() or {})
+  if not path.endswith(PTH_SUFFIXES):
+    raise ValueError(f"unknown weight file type {path!r}: use .safetensors or .pth")
+  obj = _require_torch().load(path, map_location="cpu", weights_only=True)
+  meta = obj.get("metadata", {}) if isinstance(obj, dict) else {}
+  return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def load_state_dict(path: str | os.PathLike, checkpoint_key: str | None = None) -> dict[str, np.ndarray]:
