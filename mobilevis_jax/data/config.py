@@ -1,7 +1,7 @@
 """The data section of every training config (``config.data``).
 
 One ``ml_collections.ConfigDict`` describes the dataset, the split names, the train-time
-augmentation recipe and the eval transform. The recipes in ``experiments/configs/`` start from
+augmentation recipe and the eval transform. The recipes in ``mobilevis_jax/configs/`` start from
 :func:`default_data_config` and override fields; :func:`validate_data_config` is called by the
 pipeline so a typo fails before any data is read.
 
