@@ -283,20 +283,24 @@ def test_mobilevis_eval_uses_the_pretrained_cfg(made, monkeypatch):
   """`mobilevis eval` of an imported checkpoint hands the model's transform to the data pipeline."""
   import dataclasses
 
-  from mobilevis_jax.train import default_config, train
+  from mobilevis_jax import data
+  from mobilevis_jax.train import train
+  from mobilevis_jax.train.config import load_config
   seen = {}
 
   class Stop(Exception):
     pass
 
-  def data_source(data_cfg):
-    seen["data"] = data_cfg
-    raise Stop
+  class Source:  # the data source the trainer asks for: records the data config it is handed
+    @staticmethod
+    def dataset_info(data_cfg):
+      seen["data"] = data_cfg
+      raise Stop
 
-  monkeypatch.setattr(train, "data_source", data_source)
+  monkeypatch.setattr(data, "get_source", lambda name: Source)
   changed = dataclasses.replace(pretrained_cfgs._TABLE["repvit_m0_6"], crop_pct=0.6)
   monkeypatch.setitem(pretrained_cfgs._TABLE, "repvit_m0_6", changed)
-  cfg = default_config.get_config()
+  cfg = load_config(None)  # the default recipe
   with pytest.raises(Stop):
     train.evaluate_checkpoint(cfg, str(made[("repvit_m0_6", "official")][2]))
   assert seen["data"].crop_pct == 0.6 and cfg.data.crop_pct == 0.875  # the caller's cfg is untouched

@@ -66,6 +66,16 @@ _add("parcnet_h", None, **_PARCNET)
 _add("parc_convnext_xt", 78.3, (48.0, "CPU (README)"), **_PARC_CONVNETS)
 _add("parc_resnet50", 79.6, (98.0, "CPU (README)"), **_PARC_CONVNETS)
 _add("parc_mobilenetv2", 71.1, (27.0, "CPU (README)"), **_PARC_CONVNETS)
+# RegNetY (the DeiT teacher): DeiT's weights are evaluated by DeiT's code at crop 0.875 bicubic;
+# timm serves them as `regnety_160.deit_in1k` with crop 0.95. pycls weights: timm's _cfgpyc.
+_add("regnety_160", 82.9, crop_pct=0.875, interpolation="bicubic",
+     timm_differences=(("crop_pct", 0.95),),
+     source="DeiT (teacher RegNetY-16GF, 82.9% in DeiT's table) eval transform; timm "
+            "regnety_160.deit_in1k uses crop 0.95")
+_add("regnety_002", None, crop_pct=0.875, interpolation="bicubic",
+     source="timm regnety_002.pycls_in1k (_cfgpyc)")
+_add("regnety_004", None, crop_pct=0.875, interpolation="bicubic",
+     source="timm regnety_004.pycls_in1k (_cfgpyc)")
 
 
 def pretrained_cfg(name: str) -> PretrainedCfg | None:
