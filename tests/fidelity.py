@@ -181,7 +181,9 @@ def assert_as_close_as_torch(ours: StepResult, torch32: StepResult, torch64: Ste
   """
   assert max(float(np.std(o)) for o in torch64.outputs) > 1e-2, "degenerate reference outputs"
   # (conv biases feeding a train-mode BN vanish: MobileViG has many, so only require some left)
-  assert len(torch64.grads) - len(vanishing_gradients(torch64)) >= 10, "vanishing gradients"
+  # (a small network needs all but one gradient left)
+  left = len(torch64.grads) - len(vanishing_gradients(torch64))
+  assert left >= min(10, len(torch64.grads) - 1), "vanishing gradients"
   s_ours, s_torch = compare(ours, torch64), compare(torch32, torch64)
   bad = {k: (s_ours[k], s_torch[k]) for k in RATIO_KEYS if s_ours[k] > factor * s_torch[k]}
   if s_ours["vanishing_grad_max"] > VANISHING_GRAD_TOL:

@@ -32,6 +32,7 @@ SOURCES = [
     ("parameternet_300m", "official", {}),
     ("parcnet_xs", "official", {}),
     ("parc_mobilenetv2", "official", {}),
+    ("regnety_002", "timm", {}),
 ]
 FAMILIES = sorted({model_info(n).family for n, _, _ in SOURCES})
 # The package's models (the suite's other tests register toy models of their own).

@@ -50,8 +50,8 @@ def _randomize_torch(model, seed=0):
   """Random BN affine parameters and statistics (shared helper) and non-zero conv/Linear biases
   (timm initialises SE and head biases to zero, which would hide a bias mapping mistake)."""
   torch = pytest.importorskip("torch")
-  from tests.torch_refs.parameternet import randomize_bn
-  randomize_bn(model, seed)
+  from tests.helpers import randomize_bn_
+  randomize_bn_(model, seed)
   g = torch.Generator().manual_seed(seed + 1)
   with torch.no_grad():
     for m in model.modules():

@@ -32,28 +32,31 @@ def _mobilevig(torch):
 
 
 def _parameternet(torch):
-  from tests.torch_refs.parameternet import parameternet_300m, randomize_bn
-  return randomize_bn(parameternet_300m(), seed=3), "official", {}, dict(drop_rate=0.0)
+  from tests.helpers import randomize_bn_
+  from tests.torch_refs.parameternet import parameternet_300m
+  return randomize_bn_(parameternet_300m(), seed=3), "official", {}, dict(drop_rate=0.0)
 
 
 def _ghostnet_timm(torch):
   import timm
 
-  from tests.torch_refs.parameternet import randomize_bn
-  return randomize_bn(timm.create_model("ghostnet_100"), seed=3), "timm", {}, dict(drop_rate=0.0)
+  from tests.helpers import randomize_bn_
+  return randomize_bn_(timm.create_model("ghostnet_100"), seed=3), "timm", {}, dict(drop_rate=0.0)
 
 
 def _parcnet(torch):
-  from tests.torch_refs.parcnet import ParCNetRef, randomize_bn_stats
+  from tests.helpers import randomize_bn_
+  from tests.torch_refs.parcnet import ParCNetRef
   ref = ParCNetRef("xs")
-  randomize_bn_stats(ref, seed=3)
+  randomize_bn_(ref, seed=3)
   return ref, "official", {}, dict(drop_rate=0.0, ffn_dropout=0.0)
 
 
 def _parc_convnets(torch):
   from tests.torch_refs import parc_convnets as refs
   ref = refs.parc_mobilenetv2(resample=True)
-  refs.randomize_batchnorm_stats(ref, torch.Generator().manual_seed(3))
+  from tests.helpers import randomize_bn_
+  randomize_bn_(ref, torch.Generator().manual_seed(3))
   return ref, "official", {}, dict(dropout=0.0)
 
 
