@@ -18,6 +18,9 @@ import pytest
 
 from mobilevis_jax.train import config as config_lib
 
+# One worker process runs every recipe, so under xdist the module's tests stay on one worker.
+pytestmark = pytest.mark.xdist_group('recipes')
+
 HERE = os.path.dirname(__file__)
 WORKER = os.path.join(HERE, 'worker.py')
 ROOT = os.path.abspath(os.path.join(HERE, '..', '..'))

@@ -98,7 +98,9 @@ def recipes(out_path, tmp, names):
 
   t0 = time.time()
   manual, data_dir = os.path.join(tmp, 'manual'), os.path.join(tmp, 'tfds')
-  fake_archives.write_ilsvrc2012(manual, images_per_class=2, num_val=5, size=(96, 72))
+  # 256 train images: DeiT's RASampler keeps floor(N / 256) * 256 samples per epoch, so the
+  # repeated-augmentation recipes need at least 256 to take a step.
+  fake_archives.write_ilsvrc2012(manual, images_per_class=127, num_val=5, size=(96, 72))
   assert data_cli.main(['prepare', 'imagenet2012', '--manual-dir', manual, '--data-dir', data_dir]) == 0
   teacher = os.path.join(tmp, 'teacher')
   tvars = jax.device_get(train.init_variables(TinyCNN(num_classes=1000), jax.random.PRNGKey(0), 16))
