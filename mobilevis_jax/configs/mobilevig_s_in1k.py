@@ -29,6 +29,7 @@ Differences from the PyTorch run, all of them:
 - layer_scale_2 is (C,) here and (C,1,1) in PyTorch; `weight_decay_force` decays it as timm does.
 """
 
+from mobilevis_jax.configs import runlocal
 from mobilevis_jax.data.config import imagenet_deit_config
 from mobilevis_jax.train.config import base_config, parse_arg
 
@@ -75,16 +76,6 @@ def get_config(arg=None):
   c.log_every_steps = 100
 
   if arg.runlocal:
-    c.model = 'mobilevig_ti'
-    c.data.image_size = 64
-    c.data.shuffle_buffer = 1000
-    c.global_batch_size = 48             # a multiple of repeated_aug=3 and of 8 devices
-    c.eval_batch_size = 64
-    c.num_train_steps = 40
-    c.optimizer.schedule_unit = 'step'   # 40 steps are less than one ImageNet epoch
-    c.optimizer.warmup_epochs = 0.0
-    c.optimizer.warmup_steps = 5
-    c.eval_every_epochs = 0.0
-    c.checkpoint_every_steps = 20
-    c.log_every_steps = 5
+    # 48: a multiple of repeated_aug=3 and of 8 devices
+    runlocal(c, model='mobilevig_ti', global_batch_size=48)
   return c

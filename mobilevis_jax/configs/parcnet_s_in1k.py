@@ -31,6 +31,7 @@ Differences from the PyTorch run, all of them:
 - The eval resize is TensorFlow's bilinear resize, not cv2's (differences of one grey level).
 """
 
+from mobilevis_jax.configs import runlocal
 from mobilevis_jax.data.config import parc_config
 from mobilevis_jax.train.config import base_config, parse_arg
 
@@ -67,16 +68,7 @@ def get_config(arg=None):
   c.log_every_steps = 100
 
   if arg.runlocal:
-    c.model = 'parcnet_xs'
-    c.data.image_size = 64
+    runlocal(c, model='parcnet_xs', global_batch_size=64)
     c.data.multi_scale = (40, 48, 64, 72, 80)  # {160, ..., 320} around 256, scaled by 1/4
     c.data.crop_pct = 64 / 72                  # resize 288 -> crop 256, scaled
-    c.data.shuffle_buffer = 1000
-    c.global_batch_size = 64
-    c.eval_batch_size = 64
-    c.num_train_steps = 40
-    c.optimizer.warmup_steps = 5
-    c.eval_every_epochs = 0.0
-    c.checkpoint_every_steps = 20
-    c.log_every_steps = 5
   return c

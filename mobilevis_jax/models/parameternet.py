@@ -59,6 +59,7 @@ from mobilevis_jax.layers import (
   torch_default_bias_init,
 )
 from mobilevis_jax.layers.dynamic_conv import DynamicConv
+from mobilevis_jax.models.base import Classifier
 from mobilevis_jax.models.registry import register_model
 
 # Rows are (kernel, expansion width, output width, SE ratio, stride); each inner tuple is one of
@@ -158,7 +159,7 @@ class GhostBottleneck(nn.Module):
     return shortcut + DropPath(self.drop_path_rate)(y, train)
 
 
-class GhostNet(nn.Module):
+class GhostNet(Classifier):
   """GhostNet / ParameterNet classifier (NHWC input, ImageNet normalisation).
 
   Submodule names follow the PyTorch keys: ``conv_stem``, ``bn1``, ``blocks_<i>_<j>`` (torch
@@ -181,7 +182,7 @@ class GhostNet(nn.Module):
     return dict(num_experts=self.num_experts, routing=self.routing, strategy=self.strategy)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
     if self.act not in ACTIVATIONS:
       raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
     if x.ndim != 4 or x.shape[-1] != 3:
@@ -210,31 +211,15 @@ class GhostNet(nn.Module):
     if self.features_only:
       return [features[i] for i in FEATURE_GROUPS]
 
-    last = make_divisible(self.table[-1][-1][1] * self.width, 4)
-    x = ConvBN(last, 1, act=act, conv=_dynamic_conv(self.dynamic, self.dynamic_kwargs),
-               name=f"blocks_{n}_0")(x, train)
-    x = jnp.mean(x, axis=(1, 2), keepdims=True)
-    # conv_head and the classifier keep PyTorch's default init, biases included (no init pass).
-    x = act(Conv2d(1280, 1, use_bias=True, bias_init=torch_default_bias_init, name="conv_head")(x))
-    x = x.reshape(x.shape[0], -1)
-    x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-    return Linear(self.num_classes, name="classifier")(x)
+    return self._head(x, train)
 
-  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """The map before pooling: the last ``features_only`` output (stride 32)."""
-    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
-
-  @nn.compact
-  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
-    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
-    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
-    if self.features_only:
-      raise ValueError("a features_only model has no head")
+  def _head(self, x: jax.Array, train: bool, pre_logits: bool = False) -> jax.Array:
     act = ACTIVATIONS[self.act]
     last = make_divisible(self.table[-1][-1][1] * self.width, 4)
     x = ConvBN(last, 1, act=act, conv=_dynamic_conv(self.dynamic, self.dynamic_kwargs),
                name=f"blocks_{len(self.table)}_0")(x, train)
     x = jnp.mean(x, axis=(1, 2), keepdims=True)
+    # conv_head and the classifier keep PyTorch's default init, biases included (no init pass).
     x = act(Conv2d(1280, 1, use_bias=True, bias_init=torch_default_bias_init, name="conv_head")(x))
     x = x.reshape(x.shape[0], -1)
     if pre_logits:

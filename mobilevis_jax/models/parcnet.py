@@ -48,6 +48,7 @@ from mobilevis_jax.layers import (
   trunc_normal_init,
 )
 from mobilevis_jax.layers.parc import ParCConv, parc_hw_fused, resample_1d
+from mobilevis_jax.models.base import Classifier
 from mobilevis_jax.models.registry import register_model, register_profile_hook
 
 # cvnets initialises every conv with kaiming_normal(mode='fan_out') (untruncated) and zero bias.
@@ -216,7 +217,7 @@ class OuterFrame(nn.Module):
     return ConvBNAct(c, 3, name="local_global_fusion")(fused_in, train)
 
 
-class ParCNet(nn.Module):
+class ParCNet(Classifier):
   """ParC-Net classifier (or, with ``features_only``, a 4-level feature pyramid).
 
   ``features_only=True`` returns the outputs of layer_2..layer_5 (strides 4, 8, 16, 32) and
@@ -230,7 +231,7 @@ class ParCNet(nn.Module):
   parc_method: str = "auto"
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"ParCNet expects NHWC images with 3 channels, got shape {x.shape}")
     cfg = self.config
@@ -248,21 +249,9 @@ class ParCNet(nn.Module):
       feats.append(x)
     if self.features_only:
       return feats
-    x = ConvBNAct(min(4 * x.shape[-1], 960), 1, name="conv_1x1_exp")(x, train)
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-    return nn.Dense(self.num_classes, kernel_init=trunc_normal_init(0.02), name="classifier")(x)
+    return self._head(x, train)
 
-  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """The map before pooling: the last ``features_only`` output (stride 32)."""
-    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
-
-  @nn.compact
-  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
-    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
-    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
-    if self.features_only:
-      raise ValueError("a features_only model has no head")
+  def _head(self, x: jax.Array, train: bool, pre_logits: bool = False) -> jax.Array:
     x = ConvBNAct(min(4 * x.shape[-1], 960), 1, name="conv_1x1_exp")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     if pre_logits:

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from mobilevis_jax.layers import Conv2d, ConvBN, DropPath, relu
+from mobilevis_jax.models.base import Classifier
 from mobilevis_jax.models.registry import register_model
 
 # (width, depth) per stage and the group width, as timm's ``RegNet._get_stage_args`` derives them
@@ -161,7 +162,7 @@ def drop_path_rates(depths: Sequence[int], rate: float) -> list[tuple[float, ...
   return out
 
 
-class RegNet(nn.Module):
+class RegNet(Classifier):
   """RegNetY classifier (NHWC input, ImageNet normalisation).
 
   Submodule names follow the timm keys: ``stem`` (``stem.conv``/``stem.bn``), ``s1 .. s4`` with
@@ -178,7 +179,7 @@ class RegNet(nn.Module):
   features_only: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"expected NHWC images with 3 channels, got shape {x.shape}")
     if not self.features_only and self.num_classes < 1:
@@ -193,8 +194,12 @@ class RegNet(nn.Module):
       features.append(x)
     if self.features_only:
       return features
+    return self._head(x, train)
 
+  def _head(self, x: jax.Array, train: bool, pre_logits: bool = False) -> jax.Array:
     x = jnp.mean(x, axis=(1, 2))
+    if pre_logits:
+      return x
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, kernel_init=linear_init, bias_init=nn.initializers.zeros,
                     name="head")(x)

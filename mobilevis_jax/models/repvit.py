@@ -47,6 +47,7 @@ from mobilevis_jax.layers import (
   torch_default_bias_init,
   trunc_normal_init,
 )
+from mobilevis_jax.models.base import Classifier, HeadOutput
 from mobilevis_jax.models.registry import register_fuse, register_model
 
 
@@ -181,7 +182,7 @@ class BNLinear(nn.Module):
     return nn.Dense(self.features, kernel_init=trunc_normal_init(0.02), name="linear")(x)
 
 
-class RepViT(nn.Module):
+class RepViT(Classifier):
   """RepViT classifier (NHWC input). See the module docstring for the structure.
 
   Attributes:
@@ -201,7 +202,7 @@ class RepViT(nn.Module):
   fused = False  # class constant: FusedRepViT flips it
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False) -> HeadOutput | list[jax.Array]:
     if len(self.widths) != len(self.depths):
       raise ValueError(f"widths {self.widths} and depths {self.depths} differ in length")
     if x.ndim != 4 or x.shape[-1] != 3:
@@ -216,30 +217,18 @@ class RepViT(nn.Module):
       features.append(x)
     if self.features_only:
       return features
-    x = jnp.mean(x, axis=(1, 2))
-    if self.num_classes == 0:
-      return x
     return self._head(x, train)
 
-  def _head(self, x: jax.Array, train: bool):
+  def _head(self, x: jax.Array, train: bool, pre_logits: bool = False) -> HeadOutput:
+    x = jnp.mean(x, axis=(1, 2))
+    return x if pre_logits or self.num_classes == 0 else self._classifier(x, train)
+
+  def _classifier(self, x: jax.Array, train: bool) -> HeadOutput:
     logits = BNLinear(self.num_classes, name="head")(x, train)
     if not self.distillation:
       return logits
     dist = BNLinear(self.num_classes, name="head_dist")(x, train)
     return (logits, dist) if train else (logits + dist) / 2
-
-  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """The map before pooling: the last ``features_only`` output (stride 32)."""
-    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
-
-  @nn.compact
-  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
-    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
-    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
-    if self.features_only:
-      raise ValueError("a features_only model has no head")
-    x = jnp.mean(x, axis=(1, 2))
-    return x if pre_logits or self.num_classes == 0 else self._head(x, train)
 
 
 class FusedRepViT(RepViT):
@@ -251,7 +240,7 @@ class FusedRepViT(RepViT):
   """
   fused = True
 
-  def _head(self, x: jax.Array, train: bool):
+  def _classifier(self, x: jax.Array, train: bool) -> jax.Array:
     return nn.Dense(self.num_classes, name="head")(x)
 
 
