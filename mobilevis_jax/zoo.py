@@ -25,7 +25,7 @@ def _path_key(rng: jax.Array, path) -> jax.Array:
   return jax.random.fold_in(rng, zlib.crc32(jax.tree_util.keystr(path).encode()) % (2 ** 31))
 
 
-def randomize_batch_stats(variables, rng: jax.Array):
+def randomize_batch_stats(variables: dict, rng: jax.Array) -> dict:
   """Random BN affine parameters and running statistics, so that folding BN is really tested.
 
   Freshly initialised BN (scale 1, bias 0, mean 0, var 1) is nearly the identity and would let a

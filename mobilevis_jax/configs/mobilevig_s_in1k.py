@@ -29,12 +29,14 @@ Differences from the PyTorch run, all of them:
 - layer_scale_2 is (C,) here and (C,1,1) in PyTorch; `weight_decay_force` decays it as timm does.
 """
 
+import ml_collections
+
 from mobilevis_jax.configs import runlocal
 from mobilevis_jax.data.config import imagenet_deit_config
 from mobilevis_jax.train.config import base_config, parse_arg
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, runlocal=False)
   c = base_config()
   c.model = 'mobilevig_s'

@@ -21,12 +21,14 @@ Differences from a timm run with these values: bfloat16 compute instead of AMP f
 repeated augmentation (timm's train.py default).
 """
 
+import ml_collections
+
 from mobilevis_jax.configs import runlocal
 from mobilevis_jax.data.config import imagenet_deit_config
 from mobilevis_jax.train.config import base_config, parse_arg
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, runlocal=False)
   c = base_config()
   c.model = 'parameternet_600m'

@@ -31,12 +31,14 @@ Differences from the PyTorch run, all of them:
 - The eval resize is TensorFlow's bilinear resize, not cv2's (differences of one grey level).
 """
 
+import ml_collections
+
 from mobilevis_jax.configs import runlocal
 from mobilevis_jax.data.config import parc_config
 from mobilevis_jax.train.config import base_config, parse_arg
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, runlocal=False)
   c = base_config()
   c.model = 'parcnet_s'

@@ -30,12 +30,14 @@ Differences from the PyTorch run, all of them:
   evaluates the raw unfused model (fused and unfused agree to float32 rounding).
 """
 
+import ml_collections
+
 from mobilevis_jax.configs import runlocal
 from mobilevis_jax.data.config import imagenet_deit_config
 from mobilevis_jax.train.config import base_config, parse_arg
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, runlocal=False)
   c = base_config()
   c.model = 'repvit_m1_1'

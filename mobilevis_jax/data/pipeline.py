@@ -54,6 +54,7 @@ import logging
 import math
 import threading
 
+import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -103,11 +104,11 @@ def _is_jpeg_ok(data):
 class _SkipCounter:
   """Counts (and logs) records dropped as corrupt when ``skip_corrupt`` is on."""
 
-  def __init__(self):
+  def __init__(self) -> None:
     self.count = 0
     self._lock = threading.Lock()
 
-  def __call__(self, name):
+  def __call__(self, name: tf.Tensor) -> bool:
     with self._lock:
       self.count += 1
       log.warning("skipping corrupt JPEG %s (%d skipped so far)", name.numpy().decode(), self.count)
@@ -134,7 +135,7 @@ def _guard_corrupt(ds, skip_corrupt: bool, counter: _SkipCounter):
 class BatchIterator:
   """Wraps a tf.data iterator: numpy dicts out, corrupt-record errors as CorruptImageError."""
 
-  def __init__(self, ds: tf.data.Dataset, counter: _SkipCounter | None = None):
+  def __init__(self, ds: tf.data.Dataset, counter: _SkipCounter | None = None) -> None:
     self._it = iter(ds.as_numpy_iterator())
     self._counter = counter
 
@@ -144,7 +145,7 @@ class BatchIterator:
     prefetch buffer, so this can include records of batches not yet returned."""
     return self._counter.count if self._counter else 0
 
-  def __iter__(self):
+  def __iter__(self) -> BatchIterator:
     return self
 
   def __next__(self) -> dict:
@@ -351,7 +352,7 @@ class TrainSchedule:
     """int64 ``[num_epochs + 1]``: the first step of each epoch, then ``total_steps``."""
     return np.concatenate([[0], np.cumsum(self.epoch_steps)]).astype(np.int64)
 
-  def epoch_of(self, step):
+  def epoch_of(self, step: int | np.ndarray) -> np.ndarray:
     """The (0-based) epoch that step ``step`` (0-based; scalar or array) belongs to."""
     return np.searchsorted(self.epoch_starts, step, side="right") - 1
 
@@ -410,9 +411,10 @@ def _num_devices(num_devices: int | None) -> int:
   return int(num_devices)
 
 
-def train_iterator(cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
-                   process_index: int | None = None, process_count: int | None = None,
-                   num_devices: int | None = None):
+def train_iterator(cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                   start_step: int = 0, process_index: int | None = None,
+                   process_count: int | None = None,
+                   num_devices: int | None = None) -> BatchIterator:
   """Infinite iterator over this host's train batches (see the module docstring).
 
   Args:
@@ -611,8 +613,9 @@ def _variable_batch_dataset(cfg, epoch_records, host_seed, *, num_examples, glob
 # ----------------------------------------------------------------------------- eval
 
 
-def eval_iterator(cfg, *, global_batch_size: int, process_index: int | None = None,
-                  process_count: int | None = None):
+def eval_iterator(cfg: ml_collections.ConfigDict, *, global_batch_size: int,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> BatchIterator:
   """One pass over ``cfg.eval_split``: ``{'image', 'label', 'mask'}`` batches (padded)."""
   process_index, process_count, local_batch = _host_share(cfg, global_batch_size, process_index,
                                                           process_count)

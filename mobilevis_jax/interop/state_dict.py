@@ -87,7 +87,7 @@ def to_torch_state_dict(name: str, variables: Mapping, layout: str = "official",
 
 
 def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], layout: str = "official",
-                          *, alias_atol: float = 0.0, **model_kwargs):
+                          *, alias_atol: float = 0.0, **model_kwargs: Any) -> dict:
   """PyTorch state_dict (numpy arrays or torch tensors) -> Flax variables of model ``name``.
 
   Raises :class:`StateDictError` listing missing keys, unexpected keys and shape mismatches, and

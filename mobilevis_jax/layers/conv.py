@@ -75,7 +75,7 @@ torch_default_bias_init = FanInUniformBias()
 class FanInBiasMixin:
   """Resolves :data:`torch_default_bias_init` with the fan-in of the kernel created just before."""
 
-  def param(self, name: str, init_fn: Callable, *init_args, **init_kwargs):
+  def param(self, name: str, init_fn: Callable, *init_args: Any, **init_kwargs: Any) -> Any:
     if name == "bias" and isinstance(init_fn, FanInUniformBias):
       kernel = self.get_variable("params", "kernel")
       if kernel is None:

@@ -48,7 +48,7 @@ many feature groups is slow (see ``layers/kernels.py``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -90,12 +90,16 @@ def mix_kernels(coefficients: jax.Array, bank: jax.Array, kernel_shape_oihw) -> 
   return kernels.transpose(0, 3, 4, 2, 1)
 
 
-def conv_per_sample_vmap(x, kernels, strides, padding, dilation, groups):
+def conv_per_sample_vmap(x: jax.Array, kernels: jax.Array, strides: tuple[int, int],
+                         padding: Sequence[tuple[int, int]], dilation: tuple[int, int],
+                         groups: int) -> jax.Array:
   """``y[b] = conv(x[b], kernels[b])`` written as a vmap over the batch."""
   return dynamic_conv2d(x, kernels, strides, padding, dilation, groups, impl="vmap")
 
 
-def conv_per_sample_grouped(x, kernels, strides, padding, dilation, groups):
+def conv_per_sample_grouped(x: jax.Array, kernels: jax.Array, strides: tuple[int, int],
+                            padding: Sequence[tuple[int, int]], dilation: tuple[int, int],
+                            groups: int) -> jax.Array:
   """The same as :func:`conv_per_sample_vmap` by one convolution with ``B * groups`` groups
   (channels laid out sample-major, ``b * Cin + c``)."""
   return dynamic_conv2d(x, kernels, strides, padding, dilation, groups, impl="grouped")

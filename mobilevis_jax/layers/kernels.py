@@ -388,19 +388,19 @@ def _is_nhwc(dimension_numbers, ndim: int) -> bool:
 class _Dispatch:
   """``conv_general_dilated`` with a fixed per-layer ``impl`` (hashable, compares by impl)."""
 
-  def __init__(self, impl: str | None):
+  def __init__(self, impl: str | None) -> None:
     self.impl = impl
 
-  def __call__(self, *args, **kwargs):
+  def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
     return conv_general_dilated(*args, impl=self.impl, **kwargs)
 
-  def __eq__(self, other):
+  def __eq__(self, other: object) -> bool:
     return isinstance(other, _Dispatch) and other.impl == self.impl
 
-  def __hash__(self):
+  def __hash__(self) -> int:
     return hash(("kernels._Dispatch", self.impl))
 
-  def __repr__(self):
+  def __repr__(self) -> str:
     return f"kernels.conv_general_dilated(impl={self.impl!r})"
 
 
@@ -413,7 +413,7 @@ class Conv(nn.Conv):
   """
   impl: str | None = None
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if self.impl is not None and self.impl not in IMPLS["depthwise"] + IMPLS["grouped"]:
       raise ValueError(f"Conv impl must be one of {IMPLS['depthwise'] + IMPLS['grouped']}, "
                        f"got {self.impl!r}")

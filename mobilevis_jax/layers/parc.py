@@ -297,7 +297,8 @@ class ParCConv(nn.Module):
   bias_init: Callable | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, operands_only: bool = False):
+  def __call__(self, x: jax.Array, operands_only: bool = False
+               ) -> jax.Array | tuple[jax.Array | None, jax.Array, jax.Array | None]:
     if self.axis not in ("H", "W"):
       raise ValueError(f"axis must be 'H' or 'W', got {self.axis!r}")
     if self.method not in METHODS:

@@ -103,7 +103,7 @@ class ConvBNAct(nn.Module):
   act: bool = True
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     return ConvBN(self.features, self.kernel_size, self.strides, groups=self.groups,
                   act=silu if self.act else None, kernel_init=conv_init, name="conv_bn")(x, train)
 
@@ -115,7 +115,7 @@ class InvertedResidual(nn.Module):
   expand_ratio: float = 4
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     hidden = make_divisible(int(round(x.shape[-1] * self.expand_ratio)))
     y = ConvBNAct(hidden, 1, name="exp_1x1")(x, train)
     y = ConvBNAct(hidden, 3, self.strides, groups=hidden, name="conv_3x3")(y, train)
@@ -128,7 +128,7 @@ class ChannelAttention(nn.Module):
   reduction: int = 16
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     c = x.shape[-1]
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
     s = ConvBN(c // self.reduction, 1, kernel_init=conv_init, name="reduce")(s, train)
@@ -149,7 +149,7 @@ class ParCBlock(nn.Module):
   parc_method: str = "auto"
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.parc_method not in PARC_METHODS:
       raise ValueError(f"parc_method must be one of {PARC_METHODS}, got {self.parc_method!r}")
     if x.shape[-1] % 2:
@@ -195,7 +195,7 @@ class OuterFrame(nn.Module):
   parc_method: str = "auto"
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     c, cs = self.stage.channels, self.stage.parc_channels
     if x.shape[-1] != c:
       raise ValueError(f"outer frame expects {c} channels, got {x.shape[-1]}")

@@ -39,7 +39,7 @@ def best_dir(workdir: str) -> str:
 class BestTracker:
   """Saves the variables of the best raw / EMA evaluation (and the k best EMA ones)."""
 
-  def __init__(self, workdir: str, *, keep_best_ema: int = 0, meta: dict | None = None):
+  def __init__(self, workdir: str, *, keep_best_ema: int = 0, meta: dict | None = None) -> None:
     self.directory = best_dir(workdir)
     self.keep_best_ema = int(keep_best_ema)
     self.meta = dict(meta or {})

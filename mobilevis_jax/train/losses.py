@@ -3,11 +3,15 @@ mixup targets), DeiT hard distillation, and masked top-k counts for the padded e
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def smoothed_one_hot(labels, num_classes: int, smoothing: float, xp=jnp):
+def smoothed_one_hot(labels: jax.Array | np.ndarray, num_classes: int, smoothing: float,
+                     xp: types.ModuleType = jnp) -> jax.Array | np.ndarray:
   """timm's label smoothing: off-class value smoothing/K, true class 1 - smoothing + smoothing/K.
 
   ``xp`` is ``jax.numpy`` (inside the step) or ``numpy`` (host-side mixup); float32 either way.

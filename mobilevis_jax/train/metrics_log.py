@@ -18,7 +18,7 @@ import jax
 class MetricWriter:
   """Writes scalars to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/` (process 0 only)."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True) -> None:
     self.enabled = jax.process_index() == 0
     self._tb = None
     self._jsonl = None
@@ -59,7 +59,7 @@ class MetricWriter:
 class ProgressBar:
   """tqdm bar (process 0) showing step rate, ETA, images/s and the last logged loss."""
 
-  def __init__(self, *, total: int, initial: int, batch_size: int, enabled: bool = True):
+  def __init__(self, *, total: int, initial: int, batch_size: int, enabled: bool = True) -> None:
     self.batch_size = batch_size
     self._bar = None
     self._last_time = time.time()

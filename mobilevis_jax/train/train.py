@@ -217,7 +217,8 @@ def _flat(tree) -> dict[str, Any]:
           for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def load_teacher(cfg: ml_collections.ConfigDict, num_classes: int, image_size: int):
+def load_teacher(cfg: ml_collections.ConfigDict, num_classes: int, image_size: int
+                 ) -> tuple[nn.Module, dict]:
   """(teacher model, host variables) for hard distillation, checked against the teacher model.
 
   The checkpoint must hold the model `distillation.teacher_model` names (when set), with every
