@@ -35,6 +35,21 @@ def kaiming_normal_init(mode: str = "fan_in") -> Callable:
   return nn.initializers.variance_scaling(2.0, mode, "normal")
 
 
+def fan_out_normal_init(groups: int = 1) -> Callable:
+  """timm regnet's conv init: N(0, 2 / fan_out) with ``fan_out = kh * kw * out_channels // groups``.
+
+  Not :func:`kaiming_normal_init` ``('fan_out')`` (torch's, = flax's variance_scaling), which
+  ignores ``groups``: that matters for grouped 3x3 convs (std sqrt(groups) times too small).
+  """
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    kh, kw, _, out = shape
+    std = math.sqrt(2.0 / (kh * kw * out // groups))
+    return std * jax.random.normal(key, shape, dtype)
+
+  return init
+
+
 def trunc_normal_init(std: float = 0.02, a: float = -2.0, b: float = 2.0) -> Callable:
   """timm's / torch's ``trunc_normal_(std=std, a=a, b=b)``: N(0, std^2) cut at ``[a, b]``.
 
@@ -46,6 +61,17 @@ def trunc_normal_init(std: float = 0.02, a: float = -2.0, b: float = 2.0) -> Cal
   def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
     z = jax.random.truncated_normal(key, lower, upper, shape, jnp.float32)
     return (z * std).astype(dtype)
+
+  return init
+
+
+def fan_in_uniform(fan_in: int) -> Callable:
+  """PyTorch's default Conv2d/Linear init with a known fan-in: U(+-1/sqrt(fan_in)), for a weight
+  or a bias (the one place the bound is written; :data:`torch_default_bias_init` resolves to it)."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
 
@@ -62,8 +88,7 @@ class FanInUniformBias:
     if fan_in is None:
       raise TypeError("torch_default_bias_init needs the kernel's fan_in: use it with layers.Conv "
                       "/ layers.Conv2d / layers.Dense, not a plain flax module")
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return fan_in_uniform(fan_in)(key, shape, dtype)
 
   def __repr__(self) -> str:
     return "torch_default_bias_init"

@@ -54,7 +54,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mobilevis_jax.layers.conv import Padding, _pair, explicit_padding, torch_default_kernel_init
+from mobilevis_jax.layers.conv import (
+    Padding,
+    _pair,
+    explicit_padding,
+    fan_in_uniform,
+    torch_default_kernel_init,
+)
 from mobilevis_jax.layers.kernels import dynamic_conv2d
 from mobilevis_jax.layers.macs import add_macs
 
@@ -64,23 +70,7 @@ STRATEGIES = ("auto", "vmap", "grouped", "einsum", "shift")
 def expert_bank_init(kernel_shape_oihw: tuple[int, ...]) -> Callable:
   """Each expert gets PyTorch's default conv init (kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)))
   on its own ``[Cout, Cin/g, kh, kw]`` view, as timm's ``get_condconv_initializer`` does."""
-  fan_in = math.prod(kernel_shape_oihw[1:])
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
-
-def torch_linear_bias_init(fan_in: int) -> Callable:
-  """``nn.Linear``'s default bias init, U(+-1/sqrt(fan_in))."""
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
+  return fan_in_uniform(math.prod(kernel_shape_oihw[1:]))
 
 
 def mix_kernels(coefficients: jax.Array, bank: jax.Array, kernel_shape_oihw) -> jax.Array:
@@ -138,7 +128,7 @@ class DynamicConv(nn.Module):
   def _dense(features: int, fan_in: int, name: str) -> nn.Dense:
     # PyTorch nn.Linear init, so a freshly initialised model routes like the official one (r~0.5).
     return nn.Dense(features, kernel_init=torch_default_kernel_init,
-                    bias_init=torch_linear_bias_init(fan_in), name=name)
+                    bias_init=fan_in_uniform(fan_in), name=name)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

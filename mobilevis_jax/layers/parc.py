@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mobilevis_jax.layers import kernels
-from mobilevis_jax.layers.conv import torch_default_kernel_init
+from mobilevis_jax.layers.conv import fan_in_uniform, torch_default_kernel_init
 from mobilevis_jax.layers.macs import add_macs
 
 METHODS = ("auto", "direct", "conv", "fft")
@@ -248,16 +248,6 @@ def circular_conv_hw(x: jax.Array, kernel_h: jax.Array, kernel_w: jax.Array) -> 
 # ----------------------------------------------------------------------------------------------
 # Flax module
 # ----------------------------------------------------------------------------------------------
-def torch_conv_bias_init(fan_in: int) -> Callable:
-  """PyTorch's default Conv2d bias init, U(+-1/sqrt(fan_in))."""
-  bound = 1.0 / np.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
-
 class ParCConv(nn.Module):
   """One ParC-H or ParC-W convolution with a resolution-adaptive meta kernel.
 
@@ -322,7 +312,7 @@ class ParCConv(nn.Module):
     bias = None
     if self.use_bias:
       fan_in = k * (channels if self.dense else 1)
-      bias = self.param("bias", self.bias_init or torch_conv_bias_init(fan_in), (features,),
+      bias = self.param("bias", self.bias_init or fan_in_uniform(fan_in), (features,),
                         jnp.float32)
 
     n = x.shape[ax]

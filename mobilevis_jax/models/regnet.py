@@ -37,14 +37,13 @@ head.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mobilevis_jax.layers import Conv2d, ConvBN, DropPath, relu
+from mobilevis_jax.layers import Conv2d, ConvBN, DropPath, fan_out_normal_init, relu
 from mobilevis_jax.models.base import Classifier
 from mobilevis_jax.models.registry import register_model
 
@@ -59,21 +58,6 @@ STAGES: dict[str, tuple[tuple[tuple[int, int], ...], int]] = {
     # w0=200, wa=106.23, wm=2.48, depth=18, group_size=112
     "regnety_160": (((224, 2), (448, 4), (1232, 11), (3024, 1)), 112),
 }
-
-
-def fan_out_normal(groups: int = 1) -> Callable:
-  """timm regnet's conv init: N(0, 2 / fan_out) with ``fan_out = kh * kw * out_channels // groups``.
-
-  Not ``nn.initializers.variance_scaling(2, 'fan_out', 'normal')``: that one ignores ``groups``,
-  which matters for the grouped 3x3 convs (std sqrt(groups) times too small).
-  """
-
-  def init(key, shape, dtype=jnp.float32):
-    kh, kw, _, out = shape
-    std = math.sqrt(2.0 / (kh * kw * out // groups))
-    return std * jax.random.normal(key, shape, dtype)
-
-  return init
 
 
 # timm ``_init_weights``: nn.Linear weights N(0, 0.01), biases zero.
@@ -92,8 +76,8 @@ class SqueezeExcite(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = relu(Conv2d(self.rd_channels, 1, kernel_init=fan_out_normal(), name="fc1")(s))
-    s = Conv2d(x.shape[-1], 1, kernel_init=fan_out_normal(), name="fc2")(s)
+    s = relu(Conv2d(self.rd_channels, 1, kernel_init=fan_out_normal_init(), name="fc1")(s))
+    s = Conv2d(x.shape[-1], 1, kernel_init=fan_out_normal_init(), name="fc2")(s)
     return x * jax.nn.sigmoid(s)
 
 
@@ -113,18 +97,18 @@ class Bottleneck(nn.Module):
     if width % self.group_size:
       raise ValueError(f"block width {width} is not a multiple of the group width {self.group_size}")
     groups = width // self.group_size
-    y = relu(ConvBN(width, 1, kernel_init=fan_out_normal(), name="conv1")(x, train))
-    y = relu(ConvBN(width, 3, self.strides, groups=groups, kernel_init=fan_out_normal(groups),
+    y = relu(ConvBN(width, 1, kernel_init=fan_out_normal_init(), name="conv1")(x, train))
+    y = relu(ConvBN(width, 3, self.strides, groups=groups, kernel_init=fan_out_normal_init(groups),
                     name="conv2")(y, train))
     if self.se_channels:
       y = SqueezeExcite(self.se_channels, name="se")(y)
     # timm zero-initialises the last BN's weight (``zero_init_last``): every block starts as its
     # shortcut.
     last_scale = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
-    y = ConvBN(self.features, 1, kernel_init=fan_out_normal(), bn_scale_init=last_scale,
+    y = ConvBN(self.features, 1, kernel_init=fan_out_normal_init(), bn_scale_init=last_scale,
                name="conv3")(y, train)
     if x.shape[-1] != self.features or self.strides != 1:
-      shortcut = ConvBN(self.features, 1, self.strides, kernel_init=fan_out_normal(),
+      shortcut = ConvBN(self.features, 1, self.strides, kernel_init=fan_out_normal_init(),
                         name="downsample")(x, train)
     else:
       shortcut = x
@@ -184,7 +168,7 @@ class RegNet(Classifier):
       raise ValueError(f"expected NHWC images with 3 channels, got shape {x.shape}")
     if not self.features_only and self.num_classes < 1:
       raise ValueError(f"num_classes must be >= 1 (or use features_only=True), got {self.num_classes}")
-    x = relu(ConvBN(self.stem_width, 3, 2, kernel_init=fan_out_normal(), name="stem")(x, train))
+    x = relu(ConvBN(self.stem_width, 3, 2, kernel_init=fan_out_normal_init(), name="stem")(x, train))
 
     rates = drop_path_rates([d for _, d in self.stages], self.drop_path_rate)
     features = []
