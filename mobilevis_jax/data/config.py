@@ -41,7 +41,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     digits), ``imagenet2012`` (TFDS's own builder, manual tars), ``imagenet22k`` (our builder).
   * ``builder_config``: TFDS builder config (``imagenet22k``: ``fall11`` or ``winter21``); '' = default.
   * ``data_dir``: TFDS data directory; '' means ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
-  * ``manual_dir``: directory holding the source archives (ImageNet tars); only used by ``prepare``.
   * ``file_format``: ``tfrecord`` or ``array_record`` (used when preparing; reading detects it).
   * ``train_split`` / ``eval_split``: TFDS split names (any TFDS split expression, e.g. ``train[:90%]``).
   * ``image_size``: train crop size and eval crop size (pixels, square).
@@ -79,13 +78,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   * ``cache``: cache the (host's share of the) encoded records in memory; for small datasets.
   * ``prefetch``: batches to prefetch on the host.
   * ``num_parallel_calls``: tf.data parallelism for decoding/augmenting; -1 = AUTOTUNE.
-  * ``eval_pad_to_batch``: eval batches are padded to the full batch with ``mask`` = 0.
   """
   c = ml_collections.ConfigDict()
   c.name = "mobilevis_digits"
   c.builder_config = ""
   c.data_dir = ""
-  c.manual_dir = ""
   c.file_format = "tfrecord"
   c.train_split = "train"
   c.eval_split = "validation"
@@ -112,7 +109,6 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.cache = False
   c.prefetch = 2
   c.num_parallel_calls = -1
-  c.eval_pad_to_batch = True
   return c
 
 
