@@ -47,7 +47,8 @@ HEAD_KWARGS = ("num_classes", "distillation", "features_only", "fused")
 
 
 class PretrainedFileError(ValueError):
-  """A ``pretrained=`` path exists but cannot be read as weights (truncated, corrupt, wrong type)."""
+  """A ``pretrained=`` path exists but cannot be read as weights (truncated, corrupt, wrong
+  type)."""
 
 
 def create_model(name: str, pretrained: str | os.PathLike | None = None, *, out_indices=None,
@@ -162,7 +163,8 @@ def _factory_accepts(name: str, arg: str, model: nn.Module) -> bool:
 
 
 def _candidates(name: str, base: dict) -> list[tuple[str, dict]]:
-  """(layout, head kwargs) a torch checkpoint of ``name`` may have been written with, likeliest first."""
+  """(layout, head kwargs) a torch checkpoint of ``name`` may have been written with, likeliest
+  first."""
   from mobilevis_jax.models.registry import create_model
   info = model_info(name)
   probe = create_model(name, **base)
@@ -182,7 +184,8 @@ def _candidates(name: str, base: dict) -> list[tuple[str, dict]]:
 
 @functools.lru_cache(maxsize=256)
 def _torch_shapes(name: str, layout: str, frozen_kwargs: tuple) -> dict[str, tuple[int, ...]] | None:
-  """torch key -> shape that ``name`` built with ``kwargs`` expects in ``layout`` (None: no such layout)."""
+  """torch key -> shape that ``name`` built with ``kwargs`` expects in ``layout`` (None: no such
+  layout)."""
   from mobilevis_jax.models.registry import create_model
   kwargs = dict(frozen_kwargs)
   model = create_model(name, **kwargs)

@@ -4,8 +4,8 @@ Both sides do the same work per image on ~500x375 JPEGs: decode, RandomResizedCr
 0.08-1, ratio 3/4-4/3) to 224 bicubic, horizontal flip, ImageNet normalisation to float32.
 Ours: the real path (fake ILSVRC2012 tars -> TFDS imagenet2012 builder -> train_iterator, with
 tf.data using every core, fused decode+crop). Baseline: PIL in one Python thread, torchvision-style
-(full decode, crop, resize, flip, numpy normalise), timed in the same run. Printed: images/s, images/s
-per core, and the ratio (ours per core / PIL per core).
+(full decode, crop, resize, flip, numpy normalise), timed in the same run. Printed: images/s,
+images/s per core, and the ratio (ours per core / PIL per core).
 
     python experiments/bench/bench_input_pipeline.py           # 512 images, 10 batches of 64
     python experiments/bench/bench_input_pipeline.py --quick   # seconds; a smoke run

@@ -1,4 +1,5 @@
-"""ParC-Net-S, ImageNet-1K, 300 epochs (hkzhang91/ParC-Net config/classification/edgeformer/edgeformer_s.yaml).
+"""ParC-Net-S, ImageNet-1K, 300 epochs (hkzhang91/ParC-Net
+config/classification/edgeformer/edgeformer_s.yaml).
 
 Paper: 78.6% top-1, 5.0M params, 1.74 GMACs at 256x256 (ECCV 2022); the released number is
 `checkpoint_ema_avg.pt`, the average of the 5 best EMA checkpoints (here `keep_best_ema=5` and

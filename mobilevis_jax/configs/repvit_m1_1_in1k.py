@@ -20,7 +20,8 @@ Run (prepare the data once, import the teacher once, then train):
 Smoke run of the same recipe (RepViT-M0.6 at 64x64, 48 images per step, 40 steps):
   mobilevis train --config repvit_m1_1_in1k:runlocal --workdir /tmp/repvit_smoke \
       --config.distillation.teacher_checkpoint ~/teachers/regnety_160
-(`data.data_dir` defaults to $TFDS_DATA_DIR or ~/tensorflow_datasets, where prepare wrote.) The run refuses to start without the teacher checkpoint, or with a checkpoint of another model.
+(`data.data_dir` defaults to $TFDS_DATA_DIR or ~/tensorflow_datasets, where prepare wrote.) The run
+refuses to start without the teacher checkpoint, or with a checkpoint of another model.
 
 Differences from the PyTorch run, all of them:
 - AMP fp16 becomes bfloat16 compute with float32 parameters, optimiser state and BN statistics.

@@ -33,16 +33,19 @@ def default_data_dir() -> str:
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  """The default data section: the embedded ``mobilevis_digits`` dataset at 32x32, light augmentation.
+  """The default data section: the embedded ``mobilevis_digits`` dataset at 32x32, light
+  augmentation.
 
   Every field:
 
   * ``name``: TFDS dataset, one of ``mobilevis_digits`` (embedded, built offline from scikit-learn's
     digits), ``imagenet2012`` (TFDS's own builder, manual tars), ``imagenet22k`` (our builder).
-  * ``builder_config``: TFDS builder config (``imagenet22k``: ``fall11`` or ``winter21``); '' = default.
+  * ``builder_config``: TFDS builder config (``imagenet22k``: ``fall11`` or ``winter21``); '' =
+    default.
   * ``data_dir``: TFDS data directory; '' means ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
   * ``file_format``: ``tfrecord`` or ``array_record`` (used when preparing; reading detects it).
-  * ``train_split`` / ``eval_split``: TFDS split names (any TFDS split expression, e.g. ``train[:90%]``).
+  * ``train_split`` / ``eval_split``: TFDS split names (any TFDS split expression, e.g.
+    ``train[:90%]``).
   * ``image_size``: train crop size and eval crop size (pixels, square).
   * ``interpolation``: resize kernel of RandomResizedCrop: ``bilinear``, ``bicubic`` or ``random``
     (per image, bilinear or bicubic with equal probability, like timm's ``random``).
@@ -131,7 +134,8 @@ def imagenet_deit_config(image_size: int = 224, crop_pct: float = 0.875) -> ml_c
 
 
 def parc_config() -> ml_collections.ConfigDict:
-  """ImageNet-1K with ParC-Net's recipe: bilinear crop + flip, BGR/255 input, multi-scale batches."""
+  """ImageNet-1K with ParC-Net's recipe: bilinear crop + flip, BGR/255 input, multi-scale
+  batches."""
   c = default_data_config()
   c.name = "imagenet2012"
   c.image_size = 256

@@ -4,9 +4,9 @@ They reproduce the layouts the real builders read, including the real archives' 
 
 * :func:`write_ilsvrc2012`: ``ILSVRC2012_img_train.tar`` (a tar of per-synset tars) and
   ``ILSVRC2012_img_val.tar`` (flat, ``ILSVRC2012_val_00000001.JPEG`` ...; TFDS assigns validation
-  labels from the ``validation_labels.txt`` it ships, in sorted file-name order). The train tar holds
-  ``n01739381_1309.JPEG`` as a CMYK JPEG and ``n02105855_2933.JPEG`` as a PNG, the very file names
-  TFDS's builder repairs.
+  labels from the ``validation_labels.txt`` it ships, in sorted file-name order). The train tar
+  holds ``n01739381_1309.JPEG`` as a CMYK JPEG and ``n02105855_2933.JPEG`` as a PNG, the very file
+  names TFDS's builder repairs.
 * :func:`write_imagenet21k`: ``fall11_whole.tar`` / ``winter21_whole.tar.gz`` of per-synset tars.
 
 Images are smooth random colour fields (JPEG sizes close to photographs', unlike white noise).

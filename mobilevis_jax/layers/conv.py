@@ -29,7 +29,8 @@ torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in"
 
 
 def kaiming_normal_init(mode: str = "fan_in") -> Callable:
-  """``torch.nn.init.kaiming_normal_(w, mode=mode, nonlinearity='relu')``: N(0, 2/fan), untruncated."""
+  """``torch.nn.init.kaiming_normal_(w, mode=mode, nonlinearity='relu')``: N(0, 2/fan),
+  untruncated."""
   if mode not in ("fan_in", "fan_out"):
     raise ValueError(f"mode must be 'fan_in' or 'fan_out', got {mode!r}")
   return nn.initializers.variance_scaling(2.0, mode, "normal")
@@ -123,12 +124,14 @@ class Conv(FanInBiasMixin, DispatchConv):
 
 
 class Dense(FanInBiasMixin, nn.Dense):
-  """``flax.linen.Dense`` whose bias may use PyTorch's fan-in default (:data:`torch_default_bias_init`)."""
+  """``flax.linen.Dense`` whose bias may use PyTorch's fan-in default
+  (:data:`torch_default_bias_init`)."""
 
 
 def Linear(features: int, use_bias: bool = True, kernel_init: Callable = torch_default_kernel_init,
            bias_init: Callable = torch_default_bias_init, name: str | None = None) -> Dense:
-  """A dense layer initialised like ``torch.nn.Linear`` by default (weight and bias U(+-1/sqrt(fan_in)))."""
+  """A dense layer initialised like ``torch.nn.Linear`` by default (weight and bias
+  U(+-1/sqrt(fan_in)))."""
   return Dense(features, use_bias=use_bias, kernel_init=kernel_init, bias_init=bias_init, name=name)
 
 
@@ -191,10 +194,10 @@ class ConvBN(nn.Module):
   """Convolution -> BatchNorm -> optional activation: PyTorch's ``Sequential(conv, bn[, act])``.
 
   The one Conv-BN of the project (submodules ``conv`` and ``bn``). ``use_bias`` keeps a conv bias
-  (MobileViG), ``bn_scale_init`` sets the BN gamma (zeros for the last Conv-BN of a residual branch),
-  ``act`` is applied after BN, ``conv`` replaces the static convolution by another module factory
-  called as ``conv(features, kernel_size, strides, groups=groups, name='conv')`` (ParameterNet's
-  dynamic convolution).
+  (MobileViG), ``bn_scale_init`` sets the BN gamma (zeros for the last Conv-BN of a residual
+  branch), ``act`` is applied after BN, ``conv`` replaces the static convolution by another module
+  factory called as ``conv(features, kernel_size, strides, groups=groups, name='conv')``
+  (ParameterNet's dynamic convolution).
   """
   features: int
   kernel_size: int | tuple[int, int] = 1

@@ -98,7 +98,8 @@ def _align_corners_taps(size_in: int, size_out: int):
 
 
 def resample_1d(v: jax.Array, n: int, axis: int = 0) -> jax.Array:
-  """Resample ``v`` along ``axis`` to length ``n`` like ``F.interpolate(bilinear, align_corners=True)``.
+  """Resample ``v`` along ``axis`` to length ``n`` like ``F.interpolate(bilinear,
+  align_corners=True)``.
 
   Output sample ``i`` sits at input position ``i * (K - 1) / (n - 1)`` and is the linear blend of
   its two neighbours; ``n == 1`` takes sample 0 and ``n == K`` returns ``v`` unchanged.

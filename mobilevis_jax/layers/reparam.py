@@ -23,7 +23,8 @@ def bn_scale_shift(bn_params: Mapping, bn_stats: Mapping, eps: float = 1e-5
 
 def fuse_conv_bn(kernel: jax.Array, bias: jax.Array | None, bn_params: Mapping, bn_stats: Mapping,
                  eps: float = 1e-5) -> tuple[jax.Array, jax.Array]:
-  """Fold a BatchNorm that follows a conv into the conv: ``W' = W * s``, ``b' = (b - mu) * s + beta``."""
+  """Fold a BatchNorm that follows a conv into the conv: ``W' = W * s``, ``b' = (b - mu) * s +
+  beta``."""
   s, t = bn_scale_shift(bn_params, bn_stats, eps)
   fused_bias = t if bias is None else bias * s + t
   return kernel * s, fused_bias

@@ -45,7 +45,8 @@ class PretrainedCfg:
 
   Attributes:
     input_size: (3, H, W) of the evaluation crop.
-    mean, std: per-channel normalisation, in the channel order the model sees (``input_convention``).
+    mean, std: per-channel normalisation, in the channel order the model sees
+    (``input_convention``).
     crop_pct: eval resize to ``floor(H / crop_pct)`` on the shorter side, then centre crop H.
     interpolation: eval resize kernel, ``'bicubic'`` or ``'bilinear'``.
     input_convention: ``'imagenet'`` (RGB, /255, then mean/std) or ``'parc_bgr'`` (ParC-Net's cv2
@@ -87,7 +88,8 @@ _PROFILE_HOOKS: dict[str, Callable] = {}
 
 
 def family_of(module_name: str) -> str:
-  """The family a module belongs to: its stem (``'mobilevis_jax.interop.repvit'`` -> ``'repvit'``)."""
+  """The family a module belongs to: its stem (``'mobilevis_jax.interop.repvit'`` ->
+  ``'repvit'``)."""
   return module_name.rsplit(".", 1)[-1]
 
 
@@ -236,9 +238,9 @@ def register_fuse(model_class: type) -> Callable[[Callable], Callable]:
 
 
 def register_profile_hook(fn: Callable) -> Callable:
-  """Decorator for ``fn(model_name, counts, params, *, resolution) -> dict`` of the family of ``fn``'s
-  module; :func:`mobilevis_jax.profile` merges the returned dict into its result (official-profiler
-  conventions next to the true counts)."""
+  """Decorator for ``fn(model_name, counts, params, *, resolution) -> dict`` of the family of
+  ``fn``'s module; :func:`mobilevis_jax.profile` merges the returned dict into its result
+  (official-profiler conventions next to the true counts)."""
   _PROFILE_HOOKS[family_of(fn.__module__)] = fn
   return fn
 

@@ -198,7 +198,8 @@ def _regnety(name: str, **kw) -> RegNet:
 
 @register_model(layouts=("timm",))
 def regnety_002(num_classes: int = 1000, **kw) -> RegNet:
-  """RegNetY-200MF (timm ``regnety_002``; 3,162,996 params): small enough for tests and smoke runs."""
+  """RegNetY-200MF (timm ``regnety_002``; 3,162,996 params): small enough for tests and smoke
+  runs."""
   return _regnety("regnety_002", num_classes=num_classes, **kw)
 
 

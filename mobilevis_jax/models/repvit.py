@@ -138,7 +138,8 @@ class RepViTBlock(nn.Module):
 
 
 class RepViTDownsample(nn.Module):
-  """Pre-block (no SE), depthwise 3x3 stride-2 Conv-BN, 1x1 Conv-BN to ``features``, residual FFN."""
+  """Pre-block (no SE), depthwise 3x3 stride-2 Conv-BN, 1x1 Conv-BN to ``features``, residual
+  FFN."""
   features: int
   legacy: bool = False
   fused: bool = False
@@ -357,7 +358,8 @@ def _fuse_tree(p: dict, s: dict, legacy: bool) -> dict:
 
 @register_fuse(RepViT)
 def fuse_repvit(model: RepViT, variables) -> tuple[FusedRepViT, dict]:
-  """``fused_model, fused_variables = fuse_repvit(model, variables)`` (official replace_batchnorm)."""
+  """``fused_model, fused_variables = fuse_repvit(model, variables)`` (official
+  replace_batchnorm)."""
   params, stats = variables["params"], variables.get("batch_stats", {})
   backbone = {k: v for k, v in params.items() if k not in ("head", "head_dist")}
   fused = _fuse_tree(backbone, stats, model.legacy)

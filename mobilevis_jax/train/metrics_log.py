@@ -1,4 +1,5 @@
-"""Run logs: TensorBoard event files and a JSON-lines file in the work directory, plus a progress bar.
+"""Run logs: TensorBoard event files and a JSON-lines file in the work directory, plus a progress
+bar.
 
 Only process 0 writes; the others get no-op writers. `tf.summary` is used for the event files
 because tensorflow-cpu is already a dependency (of the input pipeline); it is imported lazily so a
