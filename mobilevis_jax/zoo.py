@@ -111,7 +111,8 @@ def _abstract_fuse(model, abstract):
 
 def format_table(rows: list[dict]) -> str:
   header = (f"{'model':<24}{'family':<14}{'res':>5}{'params':>14}{'GMACs':>9}{'fused params':>15}"
-            f"{'fused GMACs':>13}{'fuse max|d|':>13}  {'eval (pretrained_cfg)':<28}{'top-1':>6}{'ms':>7}")
+            f"{'fused GMACs':>13}{'fuse max|d|':>13}  {'eval (pretrained_cfg)':<28}"
+            f"{'top-1':>6}{'ms':>7}")
   lines = [header, "-" * len(header)]
   for r in rows:
     fp = f"{r['fused_params']:,}" if r["fused_params"] is not None else "-"

@@ -11,10 +11,13 @@ Hardware: the authors used 8 GPUs x 128 images with SyncBN; here 1024 images per
 device count that divides it, BatchNorm synchronised over all of them.
 
 Run (prepare the data once, import the teacher once, then train):
-  mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS --data-dir ~/tensorflow_datasets
+  mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS \
+      --data-dir ~/tensorflow_datasets
   # the DeiT teacher, RegNetY-16GF (82.9%): on a machine with internet and timm,
-  #   python -c "import timm, safetensors.torch as st; st.save_file(timm.create_model('regnety_160.deit_in1k', pretrained=True).state_dict(), 'regnety_160.safetensors')"
-  mobilevis import --model regnety_160 --layout timm --weights regnety_160.safetensors --out ~/teachers/regnety_160
+  #   python -c "import timm, safetensors.torch as st; st.save_file(timm.create_model( \
+  #     'regnety_160.deit_in1k', pretrained=True).state_dict(), 'regnety_160.safetensors')"
+  mobilevis import --model regnety_160 --layout timm --weights regnety_160.safetensors \
+      --out ~/teachers/regnety_160
   mobilevis train --config mobilevig_s_in1k --workdir ~/runs/mobilevig_s \
       --config.distillation.teacher_checkpoint ~/teachers/regnety_160
 Smoke run of the same recipe (MobileViG-Ti at 64x64, 48 images per step, 40 steps):

@@ -13,12 +13,14 @@ classifier the last; layer i of L = 19 trains at lr x 0.5 ** (L - 1 - i)
 (`optimizer.layer_decay_groups`; tested against timm's param_groups_layer_decay).
 
 Run (prepare the data once; the 22K run's work directory is the starting point):
-  mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS --data-dir ~/tensorflow_datasets
+  mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS \
+      --data-dir ~/tensorflow_datasets
   mobilevis train --config parameternet_600m_in22k_ft_in1k --workdir ~/runs/parameternet_600m_ft \
       --config.init_from ~/runs/parameternet_600m_in22k
 Smoke run of the same recipe (ParameterNet-300M at 64x64, 32 images per step, 40 steps; init_from
 a smoke run of the 22K recipe):
-  mobilevis train --config parameternet_600m_in22k_ft_in1k:runlocal --workdir /tmp/parameternet_ft_smoke \
+  mobilevis train --config parameternet_600m_in22k_ft_in1k:runlocal \
+      --workdir /tmp/parameternet_ft_smoke \
       --config.init_from /tmp/parameternet_smoke
 (`data.data_dir` defaults to $TFDS_DATA_DIR or ~/tensorflow_datasets, where prepare wrote.)
 `init_from` takes the 22K work directory (its newest checkpoint) or a variables checkpoint; every

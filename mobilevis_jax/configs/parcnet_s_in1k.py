@@ -13,7 +13,8 @@ Hardware: the authors used 8 V100 (32 GB) or A100 GPUs, ~2 days; here 1024 image
 256x256 over any device count that divides the per-step batches.
 
 Run (prepare the data once, train, then average the 5 best EMA evaluations and evaluate that):
-  mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS --data-dir ~/tensorflow_datasets
+  mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS \
+      --data-dir ~/tensorflow_datasets
   mobilevis train --config parcnet_s_in1k --workdir ~/runs/parcnet_s
   mobilevis average --workdir ~/runs/parcnet_s --k 5 --out ~/runs/parcnet_s/ema_avg
   mobilevis eval --config parcnet_s_in1k --checkpoint ~/runs/parcnet_s/ema_avg

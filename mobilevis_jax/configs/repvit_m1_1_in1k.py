@@ -11,10 +11,13 @@ Hardware: the authors used 8 GPUs x 256 images (~6.5 min per epoch on 8x3090); h
 per step over any device count that divides it (8 GPUs, a v4-32 slice, ...).
 
 Run (prepare the data once, import the teacher once, then train):
-  mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS --data-dir ~/tensorflow_datasets
+  mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS \
+      --data-dir ~/tensorflow_datasets
   # the DeiT teacher, RegNetY-16GF (82.9%): on a machine with internet and timm,
-  #   python -c "import timm, safetensors.torch as st; st.save_file(timm.create_model('regnety_160.deit_in1k', pretrained=True).state_dict(), 'regnety_160.safetensors')"
-  mobilevis import --model regnety_160 --layout timm --weights regnety_160.safetensors --out ~/teachers/regnety_160
+  #   python -c "import timm, safetensors.torch as st; st.save_file(timm.create_model( \
+  #     'regnety_160.deit_in1k', pretrained=True).state_dict(), 'regnety_160.safetensors')"
+  mobilevis import --model regnety_160 --layout timm --weights regnety_160.safetensors \
+      --out ~/teachers/regnety_160
   mobilevis train --config repvit_m1_1_in1k --workdir ~/runs/repvit_m1_1 \
       --config.distillation.teacher_checkpoint ~/teachers/regnety_160
 Smoke run of the same recipe (RepViT-M0.6 at 64x64, 48 images per step, 40 steps):

@@ -115,7 +115,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   return c
 
 
-def imagenet_deit_config(image_size: int = 224, crop_pct: float = 0.875) -> ml_collections.ConfigDict:
+def imagenet_deit_config(image_size: int = 224,
+                         crop_pct: float = 0.875) -> ml_collections.ConfigDict:
   """ImageNet-1K with the DeiT-style recipe RepViT and MobileViG train with."""
   c = default_data_config()
   c.name = "imagenet2012"

@@ -50,7 +50,8 @@ def train_iterator(cfg, *, global_batch_size: int, seed: int, start_step: int = 
   step = start_step
   while True:
     rng = np.random.default_rng([seed, step])
-    labels = rng.integers(0, _knob(cfg, 'synthetic_num_classes'), size=global_batch_size).astype(np.int32)
+    labels = rng.integers(0, _knob(cfg, 'synthetic_num_classes'),
+                          size=global_batch_size).astype(np.int32)
     images = _images(rng, labels, cfg.image_size, _knob(cfg, 'synthetic_num_classes'))
     if step == _knob(cfg, 'synthetic_nan_step'):
       images[:] = np.nan

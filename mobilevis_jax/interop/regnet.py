@@ -18,7 +18,8 @@ def _conv_bn(torch_prefix: str, flax_path: tuple[str, ...]) -> list[Entry]:
 
 def _block(prefix: str, path: tuple[str, ...], block_params: dict) -> list[Entry]:
   # timm registers conv1, conv2, se, conv3, downsample in this order: the state_dict order.
-  out = _conv_bn(f"{prefix}.conv1", path + ("conv1",)) + _conv_bn(f"{prefix}.conv2", path + ("conv2",))
+  out = (_conv_bn(f"{prefix}.conv1", path + ("conv1",))
+         + _conv_bn(f"{prefix}.conv2", path + ("conv2",)))
   if "se" in block_params:
     out += keymap.conv(f"{prefix}.se.fc1", path + ("se", "fc1"), bias=True)
     out += keymap.conv(f"{prefix}.se.fc2", path + ("se", "fc2"), bias=True)

@@ -35,7 +35,8 @@ def _block(token_mixer: str, se: str | None, mlp: tuple[str, str], path: tuple[s
     if model.legacy:
       entries += conv_bn(f"{token_mixer}.conv1", tm + ("conv1",))
     else:
-      entries += conv(f"{token_mixer}.conv1", tm + ("conv1",), bias=True) + bn(f"{token_mixer}.bn", tm + ("bn",))
+      entries += (conv(f"{token_mixer}.conv1", tm + ("conv1",), bias=True)
+                  + bn(f"{token_mixer}.bn", tm + ("bn",)))
   if se is not None:
     entries += conv(f"{se}.fc1", path + ("se", "reduce"), bias=True)
     entries += conv(f"{se}.fc2", path + ("se", "expand"), bias=True)
@@ -51,7 +52,8 @@ def _head(prefix: str, dist_prefix: str, model: RepViT) -> list[Entry]:
     return dense(prefix, ("head",))
   entries = bn(f"{prefix}.bn", ("head", "bn")) + dense(f"{prefix}.l", ("head", "linear"))
   if model.distillation:
-    entries += bn(f"{dist_prefix}.bn", ("head_dist", "bn")) + dense(f"{dist_prefix}.l", ("head_dist", "linear"))
+    entries += (bn(f"{dist_prefix}.bn", ("head_dist", "bn"))
+                + dense(f"{dist_prefix}.l", ("head_dist", "linear")))
   return entries
 
 

@@ -52,8 +52,8 @@ def identity_kernel(channels: int, size: int = 3, depthwise: bool = True,
   return k.at[c, c].set(jnp.eye(channels, dtype=dtype))
 
 
-def fuse_bn_linear(bn_params: Mapping, bn_stats: Mapping, kernel: jax.Array, bias: jax.Array | None = None,
-                   eps: float = 1e-5) -> tuple[jax.Array, jax.Array]:
+def fuse_bn_linear(bn_params: Mapping, bn_stats: Mapping, kernel: jax.Array,
+                   bias: jax.Array | None = None, eps: float = 1e-5) -> tuple[jax.Array, jax.Array]:
   """Fold a BatchNorm1d that *precedes* a Linear layer: ``W(x*s + t) + b``."""
   s, t = bn_scale_shift(bn_params, bn_stats, eps)
   fused_kernel = kernel * s[:, None]
@@ -63,6 +63,7 @@ def fuse_bn_linear(bn_params: Mapping, bn_stats: Mapping, kernel: jax.Array, bia
   return fused_kernel, fused_bias
 
 
-def average_heads(kernel_a: jax.Array, bias_a: jax.Array, kernel_b: jax.Array, bias_b: jax.Array) -> tuple[jax.Array, jax.Array]:
+def average_heads(kernel_a: jax.Array, bias_a: jax.Array, kernel_b: jax.Array,
+                  bias_b: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Two linear heads whose outputs are averaged at inference are one linear head."""
   return (kernel_a + kernel_b) / 2, (bias_a + bias_b) / 2

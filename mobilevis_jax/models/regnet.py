@@ -95,7 +95,8 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     width = self.features
     if width % self.group_size:
-      raise ValueError(f"block width {width} is not a multiple of the group width {self.group_size}")
+      raise ValueError(f"block width {width} is not a multiple of the group width "
+                       f"{self.group_size}")
     groups = width // self.group_size
     y = relu(ConvBN(width, 1, kernel_init=fan_out_normal_init(), name="conv1")(x, train))
     y = relu(ConvBN(width, 3, self.strides, groups=groups, kernel_init=fan_out_normal_init(groups),
@@ -167,8 +168,10 @@ class RegNet(Classifier):
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"expected NHWC images with 3 channels, got shape {x.shape}")
     if not self.features_only and self.num_classes < 1:
-      raise ValueError(f"num_classes must be >= 1 (or use features_only=True), got {self.num_classes}")
-    x = relu(ConvBN(self.stem_width, 3, 2, kernel_init=fan_out_normal_init(), name="stem")(x, train))
+      raise ValueError("num_classes must be >= 1 (or use features_only=True), got "
+                       f"{self.num_classes}")
+    x = ConvBN(self.stem_width, 3, 2, kernel_init=fan_out_normal_init(), name="stem")(x, train)
+    x = relu(x)
 
     rates = drop_path_rates([d for _, d in self.stages], self.drop_path_rate)
     features = []

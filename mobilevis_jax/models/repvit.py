@@ -77,7 +77,8 @@ def se_channels(channels: int) -> int:
 
 
 def _conv_norm(features: int, kernel_size: int = 1, strides: int = 1, groups: int = 1,
-               zero_init: bool = False, *, fused: bool, name: str) -> Callable[[jax.Array, bool], Any]:
+               zero_init: bool = False, *, fused: bool,
+               name: str) -> Callable[[jax.Array, bool], Any]:
   """A Conv-BN (``layers.ConvBN``), or after fusion a single conv with bias; call ``(x, train)``.
 
   ``zero_init`` starts the BN gamma at 0, which the official code does for the last Conv-BN of
@@ -365,8 +366,9 @@ def fuse_repvit(model: RepViT, variables) -> tuple[FusedRepViT, dict]:
   fused = _fuse_tree(backbone, stats, model.legacy)
   if "head" in params:
     def linear(name):
-      return reparam.fuse_bn_linear(params[name]["bn"], stats[name]["bn"],
-                                    params[name]["linear"]["kernel"], params[name]["linear"]["bias"])
+      lin = params[name]["linear"]
+      return reparam.fuse_bn_linear(params[name]["bn"], stats[name]["bn"], lin["kernel"],
+                                    lin["bias"])
     kernel, bias = linear("head")
     if model.distillation:
       kernel, bias = reparam.average_heads(kernel, bias, *linear("head_dist"))

@@ -30,7 +30,8 @@ def initialize_distributed(dist_cfg: ml_collections.ConfigDict) -> bool:
   """
   address = dist_cfg.coordinator_address or os.environ.get(_ENV_PREFIX + 'COORDINATOR_ADDRESS', '')
   num = dist_cfg.num_processes or int(os.environ.get(_ENV_PREFIX + 'NUM_PROCESSES', '0'))
-  pid = dist_cfg.process_id if dist_cfg.process_id >= 0 else int(os.environ.get(_ENV_PREFIX + 'PROCESS_ID', '-1'))
+  pid = (dist_cfg.process_id if dist_cfg.process_id >= 0
+         else int(os.environ.get(_ENV_PREFIX + 'PROCESS_ID', '-1')))
   if address:
     if num <= 0 or pid < 0:
       raise ValueError('a coordinator address needs num_processes > 0 and process_id >= 0 '

@@ -28,9 +28,9 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
     if tensorboard:
-      import tensorflow as tf  # pylint: disable=import-outside-toplevel
+      import tensorflow as tf
       tf.config.set_visible_devices([], 'GPU')  # TF must not take accelerator memory from JAX
-      from tensorflow.core.framework import summary_pb2  # pylint: disable=import-outside-toplevel
+      from tensorflow.core.framework import summary_pb2
       self._tf = tf
       # tf.summary.scalar lives in the separate `tensorboard` package; the generic tf.summary.write
       # with the 'scalars' plugin tag writes the identical event record without it.
@@ -66,8 +66,9 @@ class ProgressBar:
     self._last_time = time.time()
     self._last_step = initial
     if enabled and jax.process_index() == 0:
-      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-      self._bar = tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True, mininterval=1.0)
+      from tqdm import tqdm
+      self._bar = tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
+                       mininterval=1.0)
 
   def update(self, step: int, loss: float | None = None) -> float:
     """Advances to `step`; returns images/s since the previous call."""

@@ -97,7 +97,8 @@ def _cast_floats(tree: Any, dtype) -> Any:
 # Per-device training step
 # ================================================================================================
 
-def make_targets(rng: jax.Array, images: jax.Array, labels: jax.Array, opts: StepOptions) -> tuple[jax.Array, jax.Array]:
+def make_targets(rng: jax.Array, images: jax.Array, labels: jax.Array,
+                 opts: StepOptions) -> tuple[jax.Array, jax.Array]:
   """(possibly mixed images, soft targets): mixup/cutmix when configured, else smoothed one-hot."""
   if opts.mixup_alpha > 0 or opts.cutmix_alpha > 0:
     return mixup.mixup_cutmix(rng, images, labels, num_classes=opts.num_classes,
