@@ -24,7 +24,7 @@ import functools
 import inspect
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -51,8 +51,8 @@ class PretrainedFileError(ValueError):
   type)."""
 
 
-def create_model(name: str, pretrained: str | os.PathLike | None = None, *, out_indices=None,
-                 **kwargs: Any) -> nn.Module:
+def create_model(name: str, pretrained: str | os.PathLike | None = None, *,
+                 out_indices: Sequence[int] | None = None, **kwargs: Any) -> nn.Module:
   """``mobilevis_jax.create_model``: the registry's model, bound to the weights at ``pretrained``
   when given (see :func:`mobilevis_jax.models.registry.create_model` for the arguments and
   :func:`load_pretrained` for what is loaded)."""
@@ -63,7 +63,7 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, *, out_
   return model.bind(variables)
 
 
-def load_pretrained(name: str, path: str | os.PathLike, *, out_indices=None,
+def load_pretrained(name: str, path: str | os.PathLike, *, out_indices: Sequence[int] | None = None,
                     rng: jax.Array | None = None, **kwargs: Any) -> tuple[nn.Module, dict]:
   """``(model, variables)`` of ``name`` built with ``kwargs`` and loaded from ``path``.
 

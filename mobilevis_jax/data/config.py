@@ -152,7 +152,7 @@ def parc_config() -> ml_collections.ConfigDict:
   return c
 
 
-def validate_data_config(cfg) -> None:
+def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first field with a value the pipeline cannot honour."""
   if cfg.name not in DATASETS:
     raise ValueError(f"data.name={cfg.name!r}; expected one of {DATASETS}")
@@ -173,7 +173,7 @@ def validate_data_config(cfg) -> None:
     parse_randaugment(cfg.randaugment)  # raises ValueError on a bad string
 
 
-def validate_sampler_config(cfg) -> None:
+def validate_sampler_config(cfg: ml_collections.ConfigDict) -> None:
   """The sampler fields alone (``repeated_aug``, ``multi_scale``; any data source, also the
   trainer's synthetic one): raises ValueError naming the field."""
   if int(cfg.repeated_aug) < 1:

@@ -76,7 +76,7 @@ _CORRUPT_MARKER = "mobilevis: corrupt JPEG"
 _plain = tf.autograph.experimental.do_not_convert
 
 
-def dataset_info(cfg) -> dict:
+def dataset_info(cfg: ml_collections.ConfigDict) -> dict:
   """``{'num_classes': K, 'splits': {name: count}}`` (prepares the embedded dataset if needed)."""
   config_lib.validate_data_config(cfg)
   return sources.dataset_info(cfg)
@@ -222,7 +222,7 @@ _RA_ROUND = 256
 _KEY_BITS = 20
 
 
-def sampler_name(cfg) -> str:
+def sampler_name(cfg: ml_collections.ConfigDict) -> str:
   """Which sampler a data config selects: ``variable_batch`` (``multi_scale`` set),
   ``repeated_aug`` (``repeated_aug > 1``) or ``stream`` (plain reshuffled epochs)."""
   if cfg.multi_scale:
@@ -262,7 +262,8 @@ def check_device_batch(global_batch_size: int, num_devices: int, process_count: 
   return global_batch_size // num_devices
 
 
-def variable_batch_table(cfg, *, global_batch_size: int, num_devices: int) -> list[tuple[int, int]]:
+def variable_batch_table(cfg: ml_collections.ConfigDict, *, global_batch_size: int, num_devices: int
+                        ) -> list[tuple[int, int]]:
   """cvnets' ``(resolution, per-device batch)`` pairs for ``cfg.multi_scale``.
 
   The base per-device batch ``b = global_batch_size / num_devices`` is the batch at
@@ -357,8 +358,8 @@ class TrainSchedule:
     return np.searchsorted(self.epoch_starts, step, side="right") - 1
 
 
-def train_schedule(cfg, *, num_examples: int, global_batch_size: int, num_devices: int, seed: int,
-                   num_epochs: int) -> TrainSchedule:
+def train_schedule(cfg: ml_collections.ConfigDict, *, num_examples: int, global_batch_size: int,
+                   num_devices: int, seed: int, num_epochs: int) -> TrainSchedule:
   """The steps :func:`train_iterator` yields for ``num_epochs`` epochs (same arguments).
 
   ``num_examples`` is the size of ``cfg.train_split`` (``dataset_info``). Only the sampler fields

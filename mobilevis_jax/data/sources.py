@@ -194,7 +194,7 @@ class TrainShard:
     return tf.data.Dataset.range(self.num_examples).map(_plain(
         lambda i: tf.random.experimental.index_shuffle(i, seed, last)))
 
-  def epoch(self, epoch) -> tf.data.Dataset:
+  def epoch(self, epoch: int | tf.Tensor) -> tf.data.Dataset:
     """One pass over the shard (serialized records) in epoch ``epoch``'s order."""
     if self._table is not None:
       table = self._table

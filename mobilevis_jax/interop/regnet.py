@@ -7,6 +7,8 @@ classifier (Flax ``head`` is timm's ``head.fc``). This is also the layout of Dei
 """
 from __future__ import annotations
 
+import flax.linen as nn
+
 from mobilevis_jax.interop import keymap
 from mobilevis_jax.interop.keymap import Entry, register_torch_layout
 
@@ -29,7 +31,7 @@ def _block(prefix: str, path: tuple[str, ...], block_params: dict) -> list[Entry
   return out
 
 
-def regnet_entries(model, variables) -> list[Entry]:
+def regnet_entries(model: nn.Module, variables: dict) -> list[Entry]:
   """Entries of any :class:`~mobilevis_jax.models.regnet.RegNet`, in timm's state_dict order."""
   params = variables["params"]
   out = _conv_bn("stem", ("stem",))
@@ -44,5 +46,5 @@ def regnet_entries(model, variables) -> list[Entry]:
 
 
 @register_torch_layout("timm")
-def timm_layout(model_name: str, model, variables) -> list[Entry]:
+def timm_layout(model_name: str, model: nn.Module, variables: dict) -> list[Entry]:
   return regnet_entries(model, variables)

@@ -58,7 +58,7 @@ def _head(prefix: str, dist_prefix: str, model: RepViT) -> list[Entry]:
 
 
 @register_torch_layout("official")
-def official_layout(model_name: str, model: RepViT, variables=None) -> list[Entry]:
+def official_layout(model_name: str, model: RepViT, variables: dict = None) -> list[Entry]:
   fused = isinstance(model, FusedRepViT)
   entries = (_conv_norm("features.0.0", ("stem_conv1",), fused)
              + _conv_norm("features.0.2", ("stem_conv2",), fused))
@@ -89,7 +89,7 @@ def official_layout(model_name: str, model: RepViT, variables=None) -> list[Entr
 
 
 @register_torch_layout("timm")
-def timm_layout(model_name: str, model: RepViT, variables=None) -> list[Entry]:
+def timm_layout(model_name: str, model: RepViT, variables: dict = None) -> list[Entry]:
   if isinstance(model, FusedRepViT):
     raise ValueError(f"{model_name}: timm has no fused RepViT layout; export the unfused model "
                      "or use layout='official'")

@@ -60,7 +60,7 @@ def _check_flax_coverage(entries, leaves, name, layout):
 
 
 def to_torch_state_dict(name: str, variables: Mapping, layout: str = "official",
-                        **model_kwargs) -> dict[str, np.ndarray]:
+                        **model_kwargs: Any) -> dict[str, np.ndarray]:
   """Flax variables of model ``name`` -> PyTorch state_dict (numpy arrays, PyTorch key order).
 
   ``model_kwargs`` (``num_classes``, ``distillation``, ...) must match how the variables were made.

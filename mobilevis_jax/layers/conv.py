@@ -159,8 +159,8 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
   return v  # type: ignore[return-value]
 
 
-def explicit_padding(kernel_size, padding: Padding | None,
-                     dilation=1) -> tuple[tuple[int, int], ...]:
+def explicit_padding(kernel_size: int | Sequence[int], padding: Padding | None,
+                     dilation: int | Sequence[int] = 1) -> tuple[tuple[int, int], ...]:
   """Per-side padding pairs; ``None`` means PyTorch's usual ``dilation * (k - 1) // 2``."""
   kh, kw = _pair(kernel_size)
   dh, dw = _pair(dilation)
@@ -176,9 +176,9 @@ def explicit_padding(kernel_size, padding: Padding | None,
   return pads  # type: ignore[return-value]
 
 
-def Conv2d(features: int, kernel_size=1, strides=1, padding: Padding | None = None, dilation=1,
-           groups: int = 1, use_bias: bool = True,
-           kernel_init: Callable = torch_default_kernel_init,
+def Conv2d(features: int, kernel_size: int | Sequence[int] = 1, strides: int | Sequence[int] = 1,
+           padding: Padding | None = None, dilation: int | Sequence[int] = 1, groups: int = 1,
+           use_bias: bool = True, kernel_init: Callable = torch_default_kernel_init,
            bias_init: Callable = nn.initializers.zeros, name: str | None = None) -> nn.Conv:
   """A ``flax.linen.Conv`` configured like ``torch.nn.Conv2d`` (HWIO kernel, explicit pads).
 

@@ -73,7 +73,8 @@ def expert_bank_init(kernel_shape_oihw: tuple[int, ...]) -> Callable:
   return fan_in_uniform(math.prod(kernel_shape_oihw[1:]))
 
 
-def mix_kernels(coefficients: jax.Array, bank: jax.Array, kernel_shape_oihw) -> jax.Array:
+def mix_kernels(coefficients: jax.Array, bank: jax.Array, kernel_shape_oihw: tuple[int, ...]
+               ) -> jax.Array:
   """``[B, M] @ [M, P]`` -> per-sample HWIO kernels ``[B, kh, kw, Cin/g, Cout]``."""
   flat = coefficients @ bank.astype(coefficients.dtype)
   kernels = flat.reshape((coefficients.shape[0],) + tuple(kernel_shape_oihw))
@@ -161,7 +162,8 @@ class DynamicConv(nn.Module):
     return y
 
 
-def static_param_count(features: int, in_channels: int, kernel_size, groups: int = 1) -> int:
+def static_param_count(features: int, in_channels: int, kernel_size: int | Sequence[int],
+                       groups: int = 1) -> int:
   """Parameters of the static conv a DynamicConv replaces (for the ``~M x`` claim)."""
   kh, kw = _pair(kernel_size)
   return features * (in_channels // groups) * kh * kw

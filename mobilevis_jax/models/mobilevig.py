@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -221,25 +222,25 @@ def _create(variant: str, num_classes: int = 1000, **kwargs) -> MobileViG:
 
 
 @register_model()
-def mobilevig_ti(num_classes: int = 1000, **kwargs) -> MobileViG:
+def mobilevig_ti(num_classes: int = 1000, **kwargs: Any) -> MobileViG:
   """MobileViG-Ti: 5.27M params (two heads), 0.7 GMACs (official profiler), 75.7% top-1."""
   return _create("mobilevig_ti", num_classes, **kwargs)
 
 
 @register_model()
-def mobilevig_s(num_classes: int = 1000, **kwargs) -> MobileViG:
+def mobilevig_s(num_classes: int = 1000, **kwargs: Any) -> MobileViG:
   """MobileViG-S: 7.28M params (two heads), 1.0 GMACs (official profiler), 78.2% top-1."""
   return _create("mobilevig_s", num_classes, **kwargs)
 
 
 @register_model()
-def mobilevig_m(num_classes: int = 1000, **kwargs) -> MobileViG:
+def mobilevig_m(num_classes: int = 1000, **kwargs: Any) -> MobileViG:
   """MobileViG-M: 14.08M params (two heads), 1.5 GMACs (official profiler), 80.6% top-1."""
   return _create("mobilevig_m", num_classes, **kwargs)
 
 
 @register_model()
-def mobilevig_b(num_classes: int = 1000, **kwargs) -> MobileViG:
+def mobilevig_b(num_classes: int = 1000, **kwargs: Any) -> MobileViG:
   """MobileViG-B: 26.87M params (two heads), 2.8 GMACs (official profiler), 82.6% top-1."""
   return _create("mobilevig_b", num_classes, **kwargs)
 

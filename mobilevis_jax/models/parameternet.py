@@ -235,19 +235,19 @@ def _ghostnet_v1(width: float, **kw) -> GhostNet:
 
 
 @register_model(layouts=("timm",))
-def ghostnet_050(num_classes: int = 1000, **kw) -> GhostNet:
+def ghostnet_050(num_classes: int = 1000, **kw: Any) -> GhostNet:
   """GhostNet 0.5x (timm ``ghostnet_050``)."""
   return _ghostnet_v1(0.5, num_classes=num_classes, **kw)
 
 
 @register_model(layouts=("timm",))
-def ghostnet_100(num_classes: int = 1000, **kw) -> GhostNet:
+def ghostnet_100(num_classes: int = 1000, **kw: Any) -> GhostNet:
   """GhostNet 1.0x (timm ``ghostnet_100``; paper 5.2M params, 141M FLOPs, 73.9% top-1)."""
   return _ghostnet_v1(1.0, num_classes=num_classes, **kw)
 
 
 @register_model(layouts=("timm",))
-def ghostnet_130(num_classes: int = 1000, **kw) -> GhostNet:
+def ghostnet_130(num_classes: int = 1000, **kw: Any) -> GhostNet:
   """GhostNet 1.3x (timm ``ghostnet_130``; paper 7.3M params, 226M FLOPs, 75.7% top-1)."""
   return _ghostnet_v1(1.3, num_classes=num_classes, **kw)
 
@@ -258,7 +258,7 @@ def _parameternet_table(width: float, dynamic: bool, num_experts: int = 4, **kw)
 
 
 @register_model(layouts=("official",))
-def parameternet_600m(num_classes: int = 1000, num_experts: int = 4, **kw) -> GhostNet:
+def parameternet_600m(num_classes: int = 1000, num_experts: int = 4, **kw: Any) -> GhostNet:
   """ParameterNet-600M exactly as the official ``parameternet_600m``: the ParameterNet table at
   width 1.9, Hardswish, 88 dynamic convs with 4 experts (34,504,504 params, ~598M MACs;
   paper: 0.6G FLOPs, 81.6% top-1 with ImageNet-22K pretraining)."""
@@ -266,7 +266,7 @@ def parameternet_600m(num_classes: int = 1000, num_experts: int = 4, **kw) -> Gh
 
 
 @register_model(layouts=("timm",))
-def ghostnet_600m(num_classes: int = 1000, **kw) -> GhostNet:
+def ghostnet_600m(num_classes: int = 1000, **kw: Any) -> GhostNet:
   """GhostNet-600M: ``parameternet_600m`` with static convs (19,822,198 params, ~570M MACs;
   paper: 78.6% top-1 on ImageNet-1K, 78.3% with 22K pretraining)."""
   return _parameternet_table(1.9, False, num_classes=num_classes, **kw)
@@ -282,7 +282,7 @@ def _ghostnet_300m_table(dynamic: bool, num_experts: int = 4, **kw) -> GhostNet:
 
 
 @register_model(layouts=("official",))
-def parameternet_300m(num_classes: int = 1000, num_experts: int = 4, **kw) -> GhostNet:
+def parameternet_300m(num_classes: int = 1000, num_experts: int = 4, **kw: Any) -> GhostNet:
   """ParameterNet-300M, derived: the official code releases only the 600M configuration.
 
   What the paper gives: ParameterNet-300M is its GhostNet-300M (~290M FLOPs in its figure) with
@@ -310,7 +310,7 @@ def parameternet_300m(num_classes: int = 1000, num_experts: int = 4, **kw) -> Gh
 
 
 @register_model(layouts=("timm",))
-def ghostnet_300m(num_classes: int = 1000, **kw) -> GhostNet:
+def ghostnet_300m(num_classes: int = 1000, **kw: Any) -> GhostNet:
   """GhostNet-300M: the static-conv twin of :func:`parameternet_300m` (8,633,106 params, ~283M
   MACs; paper: ~290M FLOPs, 76.3% top-1 on ImageNet-1K, 75.7% with 22K pretraining)."""
   return _ghostnet_300m_table(False, num_classes=num_classes, **kw)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -368,18 +369,18 @@ class ParCMobileNetV2(Classifier):
 # Registered variants
 # ==============================================================================================
 @register_model(default_resolution=224)
-def parc_convnext_xt(num_classes: int = 1000, **kw) -> ParCConvNeXt:
+def parc_convnext_xt(num_classes: int = 1000, **kw: Any) -> ParCConvNeXt:
   """ParC-ConvNeXt-XT: dims 48/96/192/384, depths 3/3/9/3 (7.41M params, 1.14 GMACs)."""
   return ParCConvNeXt(num_classes=num_classes, **kw)
 
 
 @register_model(default_resolution=224)
-def parc_resnet50(num_classes: int = 1000, **kw) -> ParCResNet:
+def parc_resnet50(num_classes: int = 1000, **kw: Any) -> ParCResNet:
   """ParC-ResNet50 with dense ParC (23.74M params, 3.94 GMACs)."""
   return ParCResNet(num_classes=num_classes, **kw)
 
 
 @register_model(default_resolution=224)
-def parc_mobilenetv2(num_classes: int = 1000, **kw) -> ParCMobileNetV2:
+def parc_mobilenetv2(num_classes: int = 1000, **kw: Any) -> ParCMobileNetV2:
   """ParC-MobileNetV2 (official ``parc_mv2``; 3.53M params, 0.30 GMACs)."""
   return ParCMobileNetV2(num_classes=num_classes, **kw)

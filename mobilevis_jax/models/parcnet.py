@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -265,19 +266,19 @@ def _create(name: str, num_classes: int, **kw) -> ParCNet:
 
 
 @register_model(default_resolution=256, input_convention="parc_bgr")
-def parcnet_xs(num_classes: int = 1000, **kw) -> ParCNet:
+def parcnet_xs(num_classes: int = 1000, **kw: Any) -> ParCNet:
   """ParC-Net-XS: 2.19M params ('add' fusion; no official weights were released)."""
   return _create("parcnet_xs", num_classes, **kw)
 
 
 @register_model(default_resolution=256, input_convention="parc_bgr")
-def parcnet_s(num_classes: int = 1000, **kw) -> ParCNet:
+def parcnet_s(num_classes: int = 1000, **kw: Any) -> ParCNet:
   """ParC-Net-S: 5.04M params, 1740.6M MACs at 256 (repo profiler), 78.6% ImageNet top-1."""
   return _create("parcnet_s", num_classes, **kw)
 
 
 @register_model(default_resolution=256, input_convention="parc_bgr")
-def parcnet_h(num_classes: int = 1000, **kw) -> ParCNet:
+def parcnet_h(num_classes: int = 1000, **kw: Any) -> ParCNet:
   """ParC-Net-H: 20.4M params (the wide variant of the official configs)."""
   return _create("parcnet_h", num_classes, **kw)
 

@@ -38,6 +38,7 @@ head.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -200,20 +201,20 @@ def _regnety(name: str, **kw) -> RegNet:
 
 
 @register_model(layouts=("timm",))
-def regnety_002(num_classes: int = 1000, **kw) -> RegNet:
+def regnety_002(num_classes: int = 1000, **kw: Any) -> RegNet:
   """RegNetY-200MF (timm ``regnety_002``; 3,162,996 params): small enough for tests and smoke
   runs."""
   return _regnety("regnety_002", num_classes=num_classes, **kw)
 
 
 @register_model(layouts=("timm",))
-def regnety_004(num_classes: int = 1000, **kw) -> RegNet:
+def regnety_004(num_classes: int = 1000, **kw: Any) -> RegNet:
   """RegNetY-400MF (timm ``regnety_004``; 4,344,144 params)."""
   return _regnety("regnety_004", num_classes=num_classes, **kw)
 
 
 @register_model(layouts=("timm",))
-def regnety_160(num_classes: int = 1000, **kw) -> RegNet:
+def regnety_160(num_classes: int = 1000, **kw: Any) -> RegNet:
   """RegNetY-16GF (timm ``regnety_160``; 83,590,140 params, 15.91 GMACs at 224): the teacher of the
   RepViT and MobileViG recipes, with DeiT's weights (timm ``regnety_160.deit_in1k``)."""
   return _regnety("regnety_160", num_classes=num_classes, **kw)

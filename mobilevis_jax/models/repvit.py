@@ -358,7 +358,7 @@ def _fuse_tree(p: dict, s: dict, legacy: bool) -> dict:
 
 
 @register_fuse(RepViT)
-def fuse_repvit(model: RepViT, variables) -> tuple[FusedRepViT, dict]:
+def fuse_repvit(model: RepViT, variables: dict) -> tuple[FusedRepViT, dict]:
   """``fused_model, fused_variables = fuse_repvit(model, variables)`` (official
   replace_batchnorm)."""
   params, stats = variables["params"], variables.get("batch_stats", {})

@@ -8,6 +8,7 @@ and assembled from each process's own slice with `jax.make_array_from_process_lo
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -47,7 +48,7 @@ def initialize_distributed(dist_cfg: ml_collections.ConfigDict) -> bool:
   return False
 
 
-def make_data_mesh(devices=None) -> Mesh:
+def make_data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh over `devices` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else list(devices)
   return Mesh(np.asarray(devices), (DATA_AXIS,))

@@ -34,7 +34,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1))
 
 
-def hard_distillation_loss(logits, dist_logits, targets, teacher_logits, alpha: float) -> jax.Array:
+def hard_distillation_loss(logits: jax.Array, dist_logits: jax.Array, targets: jax.Array,
+                           teacher_logits: jax.Array, alpha: float) -> jax.Array:
   """DeiT 'hard': (1-alpha) * SoftCE(head, targets) + alpha * CE(dist_head, argmax teacher)."""
   base = soft_target_cross_entropy(logits, targets)
   teacher_labels = jnp.argmax(teacher_logits, axis=-1)

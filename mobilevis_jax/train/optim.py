@@ -143,7 +143,7 @@ def learning_rate_schedule(opt_cfg: ml_collections.ConfigDict, *, global_batch_s
   return per_step
 
 
-def path_string(path) -> str:
+def path_string(path: tuple) -> str:
   """'/'-joined names of a tree path, e.g. 'features_1/token_mixer/conv/kernel'."""
   parts = []
   for p in path:
@@ -158,7 +158,7 @@ def path_string(path) -> str:
   return '/'.join(parts)
 
 
-def weight_decay_mask(params: Any, rule: str, force_patterns=()) -> Any:
+def weight_decay_mask(params: Any, rule: str, force_patterns: Sequence[str] = ()) -> Any:
   """Boolean tree: True where weight decay applies.
 
   rule 'timm': False for parameters with ndim <= 1 (biases, BN scale/shift, vector layer scales),
@@ -180,7 +180,7 @@ def weight_decay_mask(params: Any, rule: str, force_patterns=()) -> Any:
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def agc_unit_axes(path, leaf) -> tuple[int, ...] | None:
+def agc_unit_axes(path: tuple, leaf: jax.Array) -> tuple[int, ...] | None:
   """The axes over which timm's `unitwise_norm` reduces this leaf, in our (Flax) layout.
 
   timm reduces a PyTorch tensor with ndim > 1 over every dim but dim 0 (the output unit), and
@@ -279,7 +279,7 @@ def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(opt_cfg: ml_collections.ConfigDict, schedule,
+def make_optimizer(opt_cfg: ml_collections.ConfigDict, schedule: Callable,
                    params: Any) -> optax.GradientTransformation:
   """AdamW with the recipe's clipping in front and layer-wise lr decay behind.
 

@@ -15,7 +15,8 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+import types
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 import mobilevis_jax
 from mobilevis_jax.train import best as best_lib
@@ -53,7 +55,8 @@ class ConfigError(ValueError):
   """A run that cannot work as configured, found before the first step; says what to change."""
 
 
-def evaluate(eval_step, variables, batches: Iterator[dict], mesh) -> dict[str, float]:
+def evaluate(eval_step: Callable, variables: dict, batches: Iterator[dict], mesh: Mesh
+            ) -> dict[str, float]:
   """top1/top5 (fractions) and mean loss over every real example of the padded eval set."""
   totals = None
   for local in batches:
@@ -119,8 +122,8 @@ def _variables(params, batch_stats):
   return out
 
 
-def evaluate_all(cfg: ml_collections.ConfigDict, *, mesh, model: nn.Module, source,
-                 variables: dict, ema_variables: dict | None = None,
+def evaluate_all(cfg: ml_collections.ConfigDict, *, mesh: Mesh, model: nn.Module,
+                 source: types.ModuleType, variables: dict, ema_variables: dict | None = None,
                  eval_steps: dict | None = None) -> dict[str, float]:
   """The one evaluation of raw, EMA and fused weights on cfg's eval split.
 
@@ -145,7 +148,8 @@ def evaluate_all(cfg: ml_collections.ConfigDict, *, mesh, model: nn.Module, sour
   return results
 
 
-def run_evaluations(cfg, *, mesh, model, state: TrainState, eval_step, source,
+def run_evaluations(cfg: ml_collections.ConfigDict, *, mesh: Mesh, model: nn.Module,
+                    state: TrainState, eval_step: Callable, source: types.ModuleType,
                     eval_cache: dict) -> dict[str, float]:
   """`evaluate_all` of the training state: raw weights, EMA weights (if kept and cfg.eval_ema)."""
   eval_cache.setdefault('model', eval_step)
@@ -168,8 +172,8 @@ def check_batch_layout(cfg: ml_collections.ConfigDict, n_devices: int) -> None:
           + ' (or run on fewer devices)')
 
 
-def epoch_layout(cfg: ml_collections.ConfigDict, source, info: dict, global_batch_size: int,
-                 n_devices: int) -> tuple[int, int, np.ndarray | None]:
+def epoch_layout(cfg: ml_collections.ConfigDict, source: types.ModuleType, info: dict,
+                 global_batch_size: int, n_devices: int) -> tuple[int, int, np.ndarray | None]:
   """(steps per epoch, total steps, epoch starts or None) of the run, as its sampler defines them.
 
   The sampler owns what an epoch is (`data.train_schedule`): one pass of global batches for the
@@ -270,7 +274,8 @@ def _host_variables(params, batch_stats):
   return distributed.to_host(_variables(params, batch_stats))
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None,
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
+                       devices: Sequence[jax.Device] | None = None,
                        on_step: Callable[[int], None] | None = None) -> dict[str, float]:
   """Trains `cfg` in `workdir` (resuming from its newest readable checkpoint) and evaluates.
 
@@ -430,7 +435,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
 
 
 def evaluate_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: str, *,
-                        devices=None) -> dict[str, float]:
+                        devices: Sequence[jax.Device] | None = None) -> dict[str, float]:
   """Evaluates a variables checkpoint or a work directory's newest checkpoint on cfg's eval split
   (and after `fuse` when cfg.eval_fused). The model is built from the checkpoint's meta when it
   names one, else from cfg."""
