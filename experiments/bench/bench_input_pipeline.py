@@ -97,7 +97,8 @@ def main(argv=None) -> int:
   print(f"cores available: {cores}")
   print(f"ours (tf.data, all cores): {ours:8.1f} img/s  = {ours / cores:8.1f} img/s/core")
   print(f"PIL per-image (1 thread) : {pil:8.1f} img/s  = {pil:8.1f} img/s/core")
-  print(f"ratio ours/PIL per core  : {ours / cores / pil:.2f}x  (total throughput {ours / pil:.2f}x)")
+  print(f"ratio ours/PIL per core  : {ours / cores / pil:.2f}x  "
+        f"(total throughput {ours / pil:.2f}x)")
   return 0
 
 

@@ -14,7 +14,8 @@ unless ``--torch-threads`` says otherwise (JAX uses XLA's own CPU thread pool). 
 (timing does not depend on them).
 
     python experiments/bench/bench_parameternet.py            # 224x224, batch 1 and 8
-    python experiments/bench/bench_parameternet.py --quick    # smoke run: a 3-group half-width slice at 32x32
+    python experiments/bench/bench_parameternet.py --quick    # smoke run: a 3-group half-width
+                                                              # slice at 32x32
 """
 from __future__ import annotations
 
