@@ -138,7 +138,8 @@ def main(argv=None):
                   args.half)
   result = {'model': args.model, 'resolution': args.resolution, 'batch': args.batch,
             'half': args.half, 'cpu': platform.processor() or platform.machine(),
-            'cores': os.cpu_count(), 'jax': j, 'torch': t, 'ratio_jax_over_torch': j['images_per_s'] / t['images_per_s']}
+            'cores': os.cpu_count(), 'jax': j, 'torch': t,
+            'ratio_jax_over_torch': j['images_per_s'] / t['images_per_s']}
   print(f"jax {j['images_per_s']:.1f} img/s ({j['device']}), torch {t['images_per_s']:.1f} img/s "
         f"({t['device']}), ratio {result['ratio_jax_over_torch']:.2f}")
   print(json.dumps(result))
