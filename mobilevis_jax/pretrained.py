@@ -24,7 +24,7 @@ import functools
 import inspect
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -47,11 +47,12 @@ HEAD_KWARGS = ("num_classes", "distillation", "features_only", "fused")
 
 
 class PretrainedFileError(ValueError):
-  """A ``pretrained=`` path exists but cannot be read as weights (truncated, corrupt, wrong type)."""
+  """A ``pretrained=`` path exists but cannot be read as weights (truncated, corrupt, wrong
+  type)."""
 
 
-def create_model(name: str, pretrained: str | os.PathLike | None = None, *, out_indices=None,
-                 **kwargs: Any) -> nn.Module:
+def create_model(name: str, pretrained: str | os.PathLike | None = None, *,
+                 out_indices: Sequence[int] | None = None, **kwargs: Any) -> nn.Module:
   """``mobilevis_jax.create_model``: the registry's model, bound to the weights at ``pretrained``
   when given (see :func:`mobilevis_jax.models.registry.create_model` for the arguments and
   :func:`load_pretrained` for what is loaded)."""
@@ -62,7 +63,7 @@ def create_model(name: str, pretrained: str | os.PathLike | None = None, *, out_
   return model.bind(variables)
 
 
-def load_pretrained(name: str, path: str | os.PathLike, *, out_indices=None,
+def load_pretrained(name: str, path: str | os.PathLike, *, out_indices: Sequence[int] | None = None,
                     rng: jax.Array | None = None, **kwargs: Any) -> tuple[nn.Module, dict]:
   """``(model, variables)`` of ``name`` built with ``kwargs`` and loaded from ``path``.
 
@@ -98,14 +99,16 @@ def _read_torch(name: str, path: str, base: dict) -> tuple[dict, dict]:
     raise
   except ValueError as e:  # unknown suffix
     raise PretrainedFileError(f"pretrained={path!r}: {e}") from None
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     # safetensors' SafetensorError, torch's "PytorchStreamReader failed ..." on a cut-off zip.
     raise PretrainedFileError(
-        f"pretrained={path!r} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        f"pretrained={path!r} could not be read "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
         "the file is truncated or not a weight file") from None
   layout, ckpt_kw = detect_torch_checkpoint(name, state_dict, **base)
   variables = from_torch_state_dict(name, state_dict, layout=layout, **base, **ckpt_kw)
-  log.info("%s: loaded %d tensors from %s (%s layout, %s)", name, len(state_dict), path, layout, ckpt_kw)
+  log.info("%s: loaded %d tensors from %s (%s layout, %s)", name, len(state_dict), path, layout,
+           ckpt_kw)
   return variables, ckpt_kw
 
 
@@ -116,14 +119,15 @@ def _read_orbax(name: str, path: str, base: dict) -> tuple[dict, dict]:
     variables, meta = restore_variables(path)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"pretrained={path!r}: {e}") from None
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise PretrainedFileError(f"pretrained={path!r}: the orbax checkpoint could not be restored "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
   variables = {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats") and v}
   stored = dict(meta.get("model_kwargs") or {})
   ckpt_kw = {k: stored[k] for k in HEAD_KWARGS if k in stored}
   model = create_model(name, **base, **ckpt_kw)
-  if "num_classes" not in ckpt_kw or ("distillation" not in ckpt_kw and hasattr(model, "distillation")):
+  if "num_classes" not in ckpt_kw or ("distillation" not in ckpt_kw
+                                      and hasattr(model, "distillation")):
     ckpt_kw = {**_infer_head_kwargs(name, variables, base), **ckpt_kw}
     model = create_model(name, **base, **ckpt_kw)
   other = meta.get("model_name")
@@ -158,11 +162,13 @@ def _infer_head_kwargs(name: str, variables: Mapping, base: dict) -> dict:
 
 def _factory_accepts(name: str, arg: str, model: nn.Module) -> bool:
   params = inspect.signature(model_info(name).factory).parameters
-  return arg in params or (any(p.kind == p.VAR_KEYWORD for p in params.values()) and hasattr(model, arg))
+  return arg in params or (any(p.kind == p.VAR_KEYWORD for p in params.values())
+                           and hasattr(model, arg))
 
 
 def _candidates(name: str, base: dict) -> list[tuple[str, dict]]:
-  """(layout, head kwargs) a torch checkpoint of ``name`` may have been written with, likeliest first."""
+  """(layout, head kwargs) a torch checkpoint of ``name`` may have been written with, likeliest
+  first."""
   from mobilevis_jax.models.registry import create_model
   info = model_info(name)
   probe = create_model(name, **base)
@@ -181,8 +187,10 @@ def _candidates(name: str, base: dict) -> list[tuple[str, dict]]:
 
 
 @functools.lru_cache(maxsize=256)
-def _torch_shapes(name: str, layout: str, frozen_kwargs: tuple) -> dict[str, tuple[int, ...]] | None:
-  """torch key -> shape that ``name`` built with ``kwargs`` expects in ``layout`` (None: no such layout)."""
+def _torch_shapes(name: str, layout: str,
+                  frozen_kwargs: tuple) -> dict[str, tuple[int, ...]] | None:
+  """torch key -> shape that ``name`` built with ``kwargs`` expects in ``layout`` (None: no such
+  layout)."""
   from mobilevis_jax.models.registry import create_model
   kwargs = dict(frozen_kwargs)
   model = create_model(name, **kwargs)
@@ -200,7 +208,8 @@ def _freeze(kwargs: dict) -> tuple:
   return tuple(sorted(kwargs.items()))
 
 
-def detect_torch_checkpoint(name: str, state_dict: Mapping[str, Any], **base: Any) -> tuple[str, dict]:
+def detect_torch_checkpoint(name: str, state_dict: Mapping[str, Any],
+                            **base: Any) -> tuple[str, dict]:
   """``(layout, head kwargs)`` of a torch state_dict of ``name``: which layout, whether it has the
   distillation head, whether it is fused, and its ``num_classes``.
 
@@ -313,8 +322,9 @@ def _check_tree(expected, variables, what: str) -> None:
   have = {k: v for k, v in _flat(variables).items() if k[0] in ("params", "batch_stats")}
   missing = sorted("/".join(k) for k in want.keys() - have.keys())
   unexpected = sorted("/".join(k) for k in have.keys() - want.keys())
-  mismatched = sorted(f"{'/'.join(k)}: checkpoint {tuple(np.shape(have[k]))} vs model {tuple(want[k].shape)}"
-                      for k in want.keys() & have.keys() if tuple(np.shape(have[k])) != tuple(want[k].shape))
+  mismatched = sorted(
+      f"{'/'.join(k)}: checkpoint {tuple(np.shape(have[k]))} vs model {tuple(want[k].shape)}"
+      for k in want.keys() & have.keys() if tuple(np.shape(have[k])) != tuple(want[k].shape))
   if missing or unexpected or mismatched:
     parts = [f"{label} ({len(v)}): {v[:20]}{' ...' if len(v) > 20 else ''}"
              for label, v in (("missing", missing), ("unexpected", unexpected),
@@ -333,8 +343,9 @@ def adapt_variables(source: nn.Module, variables: Mapping, target: nn.Module, *,
   anything else differs.
   """
   if type(source) is not type(target):
-    raise ValueError(f"{label}: cannot adapt {type(source).__name__} weights to {type(target).__name__} "
-                     "(a fused checkpoint loads into fused=True; use fuse() for the other direction)")
+    raise ValueError(f"{label}: cannot adapt {type(source).__name__} weights to "
+                     f"{type(target).__name__} (a fused checkpoint loads into fused=True; use "
+                     "fuse() for the other direction)")
   label = label or type(target).__name__
   heads = head_modules(source)
   params = dict(variables.get("params", {}))
@@ -352,7 +363,8 @@ def adapt_variables(source: nn.Module, variables: Mapping, target: nn.Module, *,
     if hasattr(target, "distillation") and heads["distillation"]:
       if source.distillation and not target.distillation:
         dropped |= heads["distillation"]
-      elif target.distillation and (not source.distillation or source.num_classes != target.num_classes):
+      elif target.distillation and (not source.distillation
+                                    or source.num_classes != target.num_classes):
         reinit |= heads["distillation"]
   for m in dropped | reinit:
     params.pop(m, None)
@@ -366,10 +378,11 @@ def adapt_variables(source: nn.Module, variables: Mapping, target: nn.Module, *,
       if collection in out:
         out[collection].update({m: tree[m] for m in reinit if m in tree})
   if dropped or reinit:
-    log.warning("%s: re-initialised %s (checkpoint: %s classes%s -> model: %s classes%s); dropped %s",
-                label, _describe(reinit), source.num_classes, _dist_note(source), target.num_classes,
-                _dist_note(target), _describe(dropped - reinit))
-  _check_tree(abstract_variables(target, _PROBE_RESOLUTION), out, f"{label}: adapted variables vs the model")
+    log.warning("%s: re-initialised %s (checkpoint: %s classes%s -> model: %s classes%s); "
+                "dropped %s", label, _describe(reinit), source.num_classes, _dist_note(source),
+                target.num_classes, _dist_note(target), _describe(dropped - reinit))
+  _check_tree(abstract_variables(target, _PROBE_RESOLUTION), out,
+              f"{label}: adapted variables vs the model")
   if not out.get("batch_stats"):
     out.pop("batch_stats", None)
   return out

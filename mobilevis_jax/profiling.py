@@ -18,6 +18,8 @@ that is not a MAC): they are reported in ``side_counts`` and never added to ``ma
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,14 +31,15 @@ from mobilevis_jax.models.registry import abstract_variables, create_model, mode
 __all__ = ["add_macs", "count_params", "counting", "profile"]
 
 
-def count_params(variables) -> int:
+def count_params(variables: Mapping) -> int:
   """Number of trainable parameters (the ``params`` collection; BN running stats excluded)."""
   params = nn.unbox(variables).get("params", {})
   return int(sum(math.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
 
 
-def profile(name_or_model, resolution: int | None = None, *, variables=None, batch: int = 1,
-            family: str | None = None, **model_kwargs) -> dict:
+def profile(name_or_model: str | nn.Module, resolution: int | None = None, *,
+            variables: Mapping | None = None, batch: int = 1, family: str | None = None,
+            **model_kwargs: Any) -> dict:
   """``{'params': int, 'macs': int, 'macs_by_tag': {...}}`` for one image at ``resolution``.
 
   ``name_or_model`` is a registered name (built with ``model_kwargs``) or a module; for a module

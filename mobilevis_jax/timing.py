@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 
-def median_ms(fn, *args, reps: int) -> float:
+def median_ms(fn: Callable, *args: Any, reps: int) -> float:
   """Median milliseconds of ``fn(*args)`` over ``reps`` calls, after one untimed warm-up call.
 
   The warm-up absorbs JAX compilation (and PyTorch's allocator warm-up). JAX results are waited

@@ -25,7 +25,7 @@ def _path_key(rng: jax.Array, path) -> jax.Array:
   return jax.random.fold_in(rng, zlib.crc32(jax.tree_util.keystr(path).encode()) % (2 ** 31))
 
 
-def randomize_batch_stats(variables, rng: jax.Array):
+def randomize_batch_stats(variables: dict, rng: jax.Array) -> dict:
   """Random BN affine parameters and running statistics, so that folding BN is really tested.
 
   Freshly initialised BN (scale 1, bias 0, mean 0, var 1) is nearly the identity and would let a
@@ -111,7 +111,8 @@ def _abstract_fuse(model, abstract):
 
 def format_table(rows: list[dict]) -> str:
   header = (f"{'model':<24}{'family':<14}{'res':>5}{'params':>14}{'GMACs':>9}{'fused params':>15}"
-            f"{'fused GMACs':>13}{'fuse max|d|':>13}  {'eval (pretrained_cfg)':<28}{'top-1':>6}{'ms':>7}")
+            f"{'fused GMACs':>13}{'fuse max|d|':>13}  {'eval (pretrained_cfg)':<28}"
+            f"{'top-1':>6}{'ms':>7}")
   lines = [header, "-" * len(header)]
   for r in rows:
     fp = f"{r['fused_params']:,}" if r["fused_params"] is not None else "-"

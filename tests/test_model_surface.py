@@ -1,5 +1,5 @@
-"""The timm-style model surface: ``create_model(pretrained=...)``, ``pretrained_cfg``, ``feature_info``,
-``forward_features`` / ``forward_head``, head adaptation and ``reset_classifier``.
+"""The timm-style model surface: ``create_model(pretrained=...)``, ``pretrained_cfg``,
+``feature_info``, ``forward_features`` / ``forward_head``, head adaptation and ``reset_classifier``.
 
 Checkpoints are written from random variables drawn at the abstract shapes (no init, no forward),
 through this project's own exporters, through the PyTorch reference of the official code and
@@ -235,7 +235,7 @@ def test_missing_and_truncated_files_fail_clearly(made, tmp_path):
     mv.create_model("repvit_m0_6", pretrained=str(broken))
 
 
-# --- pretrained_cfg --------------------------------------------------------------------------------
+# --- pretrained_cfg -------------------------------------------------------------------------------
 
 def test_every_model_has_a_pretrained_cfg():
   assert pretrained_cfgs.missing_cfgs() == [] and len(MODELS) >= 26
@@ -307,7 +307,7 @@ def test_mobilevis_eval_uses_the_pretrained_cfg(made, monkeypatch):
   assert seen["data"].crop_pct == 0.6 and cfg.data.crop_pct == 0.875  # the caller's cfg is untouched
 
 
-# --- feature_info / forward_features / forward_head ------------------------------------------------
+# --- feature_info / forward_features / forward_head -----------------------------------------------
 
 @pytest.mark.parametrize("name", MODELS)
 def test_feature_info_matches_the_features(name):
@@ -344,7 +344,8 @@ def test_forward_head_of_forward_features_is_the_model(name, kw):
 
 
 def test_orbax_without_recorded_kwargs_infers_the_head(made, tmp_path):
-  """A variables checkpoint saved without model_kwargs: classes and distillation read off the tree."""
+  """A variables checkpoint saved without model_kwargs: classes and distillation read off the
+  tree."""
   model = mv.create_model("mobilevig_ti", num_classes=10, distillation=False)
   variables = _random_variables(model, seed=5)
   save_variables(str(tmp_path / "v"), variables, model_name="mobilevig_ti")

@@ -66,7 +66,8 @@ def main(argv=None) -> None:
   reps = 3 if args.quick else 10
 
   print(f"devices: {jax.devices()}  experts M={args.experts}")
-  print(f"{'layer':22s} {'batch':>5s} {'static ms':>10s} " + " ".join(f"{s:>8s}" for s in STRATEGIES)
+  print(f"{'layer':22s} {'batch':>5s} {'static ms':>10s} "
+        + " ".join(f"{s:>8s}" for s in STRATEGIES)
         + f" {'auto/static':>11s} {'best/static':>11s} {'params x':>8s} {'MACs x':>7s}")
   for name, hw, cin, cout, k, g in layers:
     static = Conv2d(cout, k, groups=g, use_bias=False)

@@ -4,8 +4,8 @@ Both sides do the same work per image on ~500x375 JPEGs: decode, RandomResizedCr
 0.08-1, ratio 3/4-4/3) to 224 bicubic, horizontal flip, ImageNet normalisation to float32.
 Ours: the real path (fake ILSVRC2012 tars -> TFDS imagenet2012 builder -> train_iterator, with
 tf.data using every core, fused decode+crop). Baseline: PIL in one Python thread, torchvision-style
-(full decode, crop, resize, flip, numpy normalise), timed in the same run. Printed: images/s, images/s
-per core, and the ratio (ours per core / PIL per core).
+(full decode, crop, resize, flip, numpy normalise), timed in the same run. Printed: images/s,
+images/s per core, and the ratio (ours per core / PIL per core).
 
     python experiments/bench/bench_input_pipeline.py           # 512 images, 10 batches of 64
     python experiments/bench/bench_input_pipeline.py --quick   # seconds; a smoke run
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
   print(f"cores available: {cores}")
   print(f"ours (tf.data, all cores): {ours:8.1f} img/s  = {ours / cores:8.1f} img/s/core")
   print(f"PIL per-image (1 thread) : {pil:8.1f} img/s  = {pil:8.1f} img/s/core")
-  print(f"ratio ours/PIL per core  : {ours / cores / pil:.2f}x  (total throughput {ours / pil:.2f}x)")
+  print(f"ratio ours/PIL per core  : {ours / cores / pil:.2f}x  "
+        f"(total throughput {ours / pil:.2f}x)")
   return 0
 
 

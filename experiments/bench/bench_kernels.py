@@ -1,4 +1,5 @@
-"""Per-op timing of every kernel path of ``layers/kernels.py``: the measurements behind KERNEL_TABLE.
+"""Per-op timing of every kernel path of ``layers/kernels.py``: the measurements behind
+KERNEL_TABLE.
 
 For depthwise convolutions at the families' shapes (RepViT's 3x3 at 56x56, ConvNeXt's 7x7,
 stride-2 downsampling) and ParC-Net's grouped convolutions, times the jitted forward and the

@@ -49,7 +49,8 @@ def main(argv=None):
   rows = []
   for name in models:
     ref = build(name).eval()
-    variables = interop.from_torch_state_dict(name, {k: v.clone() for k, v in ref.state_dict().items()})
+    variables = interop.from_torch_state_dict(
+        name, {k: v.clone() for k, v in ref.state_dict().items()})
     model = mv.create_model(name)
     x = np.random.default_rng(0).normal(size=(batch, res, res, 3)).astype(np.float32)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())

@@ -262,7 +262,8 @@ HEADER = (f"{'model':<18} {'res':>4} {'batch':>5} {'mode':<9} | {'jax ms':>9} {'
 
 
 def format_row(r) -> str:
-  timm = (f"{r['timm_ms']:9.1f} {r['timm_ratio']:5.2f}x" if "timm_ms" in r else f"{'-':>9} {'-':>6}")
+  timm = (f"{r['timm_ms']:9.1f} {r['timm_ratio']:5.2f}x" if "timm_ms" in r
+          else f"{'-':>9} {'-':>6}")
   torch = (f"{r['torch_ms']:9.1f} {r['torch_ratio']:5.2f}x" if "torch_ms" in r
            else f"{'-':>9} {'-':>6}")
   return (f"{r['model']:<18} {r['res']:>4} {r['batch']:>5} {r['mode']:<9} | {r['jax_ms']:9.1f} "

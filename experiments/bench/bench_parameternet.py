@@ -10,10 +10,12 @@ module tree for the 600M models, timm for GhostNet) on this machine, and prints
   PyTorch eager at batch 1 on one thread).
 
 Median of several calls after a warm-up; torch runs under ``torch.no_grad`` on one thread
-unless ``--torch-threads`` says otherwise (JAX uses XLA's own CPU thread pool). Weights are random (timing does not depend on them).
+unless ``--torch-threads`` says otherwise (JAX uses XLA's own CPU thread pool). Weights are random
+(timing does not depend on them).
 
     python experiments/bench/bench_parameternet.py            # 224x224, batch 1 and 8
-    python experiments/bench/bench_parameternet.py --quick    # smoke run: a 3-group half-width slice at 32x32
+    python experiments/bench/bench_parameternet.py --quick    # smoke run: a 3-group half-width
+                                                              # slice at 32x32
 """
 from __future__ import annotations
 

@@ -103,7 +103,8 @@ def main():
   stored = parc.FFT_CROSSOVER.get(backend)
   print(f"measured crossover: n = {measured}  (FFT faster from there on; None = never)")
   print(f"stored FFT_CROSSOVER[{backend!r}] = {stored}"
-        + ("" if args.quick else ("  (agrees)" if stored == measured else "  (DIFFERS: update it)")))
+        + ("" if args.quick
+           else ("  (agrees)" if stored == measured else "  (DIFFERS: update it)")))
 
 
 if __name__ == "__main__":

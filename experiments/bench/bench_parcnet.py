@@ -28,7 +28,8 @@ from tests.torch_refs.parcnet import ParCNetRef  # noqa: E402
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true")
-  parser.add_argument("--model", default="parcnet_s", choices=["parcnet_xs", "parcnet_s", "parcnet_h"])
+  parser.add_argument("--model", default="parcnet_s",
+                      choices=["parcnet_xs", "parcnet_s", "parcnet_h"])
   parser.add_argument("--resolution", type=int, default=256)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--reps", type=int, default=5)

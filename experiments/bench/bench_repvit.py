@@ -72,7 +72,8 @@ def main(argv=None) -> list[dict]:
       diff = float(np.max(np.abs(np.asarray(jax_fn(v, x_jax)) - y_torch)))
       rows.append(dict(form=form, batch=batch, torch_ms=t_torch, jax_ms=t_jax,
                        ratio=t_torch / t_jax, max_abs_diff=diff))
-      print(f"{form:>8} {batch:>6} | {t_torch:9.2f} {t_jax:9.2f} {t_torch / t_jax:9.2f} | {diff:.1e}")
+      print(f"{form:>8} {batch:>6} | {t_torch:9.2f} {t_jax:9.2f} {t_torch / t_jax:9.2f} | "
+            f"{diff:.1e}")
   return rows
 
 

@@ -57,7 +57,8 @@ def main(argv=None):
   batch = args.batch or (1 if args.quick else 8)
   reps = args.reps or (2 if args.quick else 10)
   settings = SETTINGS[:2] if args.quick else SETTINGS
-  print(f"backend={jax.default_backend()} batch={batch} reps={reps} (median ms; ratio = KNN / SVGA)")
+  print(f"backend={jax.default_backend()} batch={batch} reps={reps} "
+        "(median ms; ratio = KNN / SVGA)")
   print("floor = one jitted elementwise op on the same map (x * 2): the least any fused op costs")
   print(f"{'map':>7} {'C':>4} {'r':>2} | {'floor':>7} {'SVGA agg':>9} {'KNN agg':>9} {'ratio':>6} "
         f"{'KNN/floor':>9} | {'SVGA blk':>9} {'KNN blk':>9} {'ratio':>6}")

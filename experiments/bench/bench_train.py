@@ -43,11 +43,11 @@ def bench_jax(model_name, resolution, batch, steps, warmup, half):
   model = mobilevis_jax.create_model(model_name, num_classes=1000)
   mesh = distributed.make_data_mesh()
   variables = jax.device_get(train.init_variables(model, jax.random.PRNGKey(0), resolution))
-  schedule = optim.learning_rate_schedule(cfg.optimizer, global_batch_size=batch, steps_per_epoch=100,
-                                          total_steps=1000)
+  schedule = optim.learning_rate_schedule(cfg.optimizer, global_batch_size=batch,
+                                          steps_per_epoch=100, total_steps=1000)
   tx = optim.make_optimizer(cfg.optimizer, schedule, variables['params'])
-  state = jax.device_put(train.create_train_state(variables, tx, np.asarray(jax.random.PRNGKey(1)), False),
-                         distributed.replicated(mesh))
+  state = train.create_train_state(variables, tx, np.asarray(jax.random.PRNGKey(1)), False)
+  state = jax.device_put(state, distributed.replicated(mesh))
   step = train.make_train_step(mesh, model=model, tx=tx, schedule=schedule,
                                opts=train.StepOptions.from_config(cfg, 1000))
   rng = np.random.default_rng(0)
@@ -64,8 +64,8 @@ def bench_jax(model_name, resolution, batch, steps, warmup, half):
     state, metrics = step(state, gbatch, {})
   jax.block_until_ready((state, metrics))
   dt = time.perf_counter() - t0
-  return {'images_per_s': steps * batch / dt, 'warmup_s': compile_s, 'device': str(jax.devices()[0]),
-          'n_devices': len(jax.devices())}
+  return {'images_per_s': steps * batch / dt, 'warmup_s': compile_s,
+          'device': str(jax.devices()[0]), 'n_devices': len(jax.devices())}
 
 
 def bench_torch(model_name, resolution, batch, steps, warmup, device, half):
@@ -79,8 +79,8 @@ def bench_torch(model_name, resolution, batch, steps, warmup, device, half):
   model = RepViT(model_name, num_classes=1000, distillation=False).to(dev).train()
   decay = [p for p in model.parameters() if p.ndim > 1]
   no_decay = [p for p in model.parameters() if p.ndim <= 1]
-  opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.025}, {'params': no_decay, 'weight_decay': 0.0}],
-                          lr=1e-3, eps=1e-8)
+  opt = torch.optim.AdamW([{'params': decay, 'weight_decay': 0.025},
+                           {'params': no_decay, 'weight_decay': 0.0}], lr=1e-3, eps=1e-8)
 
   def agc(parameters, clip=0.02, eps=1e-3):
     # timm's adaptive_clip_grad: unit-wise (per output) norms.
@@ -114,7 +114,8 @@ def bench_torch(model_name, resolution, batch, steps, warmup, device, half):
     one()
   sync()
   dt = time.perf_counter() - t0
-  return {'images_per_s': steps * batch / dt, 'device': str(dev), 'threads': torch.get_num_threads()}
+  return {'images_per_s': steps * batch / dt, 'device': str(dev),
+          'threads': torch.get_num_threads()}
 
 
 def main(argv=None):
@@ -133,10 +134,12 @@ def main(argv=None):
   if args.device == 'cpu':
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   j = bench_jax(args.model, args.resolution, args.batch, args.steps, args.warmup, args.half)
-  t = bench_torch(args.model, args.resolution, args.batch, args.steps, args.warmup, args.device, args.half)
-  result = {'model': args.model, 'resolution': args.resolution, 'batch': args.batch, 'half': args.half,
-            'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(),
-            'jax': j, 'torch': t, 'ratio_jax_over_torch': j['images_per_s'] / t['images_per_s']}
+  t = bench_torch(args.model, args.resolution, args.batch, args.steps, args.warmup, args.device,
+                  args.half)
+  result = {'model': args.model, 'resolution': args.resolution, 'batch': args.batch,
+            'half': args.half, 'cpu': platform.processor() or platform.machine(),
+            'cores': os.cpu_count(), 'jax': j, 'torch': t,
+            'ratio_jax_over_torch': j['images_per_s'] / t['images_per_s']}
   print(f"jax {j['images_per_s']:.1f} img/s ({j['device']}), torch {t['images_per_s']:.1f} img/s "
         f"({t['device']}), ratio {result['ratio_jax_over_torch']:.2f}")
   print(json.dumps(result))

@@ -17,10 +17,12 @@ schedule is stepped per step (a 20-epoch run at 22 steps per epoch is too short 
 stepping to mean anything).
 """
 
+import ml_collections
+
 from mobilevis_jax.train.config import base_config, parse_arg
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, runlocal=False)
   c = base_config()
   c.model = 'repvit_m0_6'

@@ -11,10 +11,13 @@ Hardware: the authors used 8 GPUs x 128 images with SyncBN; here 1024 images per
 device count that divides it, BatchNorm synchronised over all of them.
 
 Run (prepare the data once, import the teacher once, then train):
-  mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS --data-dir ~/tensorflow_datasets
+  mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS \
+      --data-dir ~/tensorflow_datasets
   # the DeiT teacher, RegNetY-16GF (82.9%): on a machine with internet and timm,
-  #   python -c "import timm, safetensors.torch as st; st.save_file(timm.create_model('regnety_160.deit_in1k', pretrained=True).state_dict(), 'regnety_160.safetensors')"
-  mobilevis import --model regnety_160 --layout timm --weights regnety_160.safetensors --out ~/teachers/regnety_160
+  #   python -c "import timm, safetensors.torch as st; st.save_file(timm.create_model( \
+  #     'regnety_160.deit_in1k', pretrained=True).state_dict(), 'regnety_160.safetensors')"
+  mobilevis import --model regnety_160 --layout timm --weights regnety_160.safetensors \
+      --out ~/teachers/regnety_160
   mobilevis train --config mobilevig_s_in1k --workdir ~/runs/mobilevig_s \
       --config.distillation.teacher_checkpoint ~/teachers/regnety_160
 Smoke run of the same recipe (MobileViG-Ti at 64x64, 48 images per step, 40 steps):
@@ -29,11 +32,14 @@ Differences from the PyTorch run, all of them:
 - layer_scale_2 is (C,) here and (C,1,1) in PyTorch; `weight_decay_force` decays it as timm does.
 """
 
+import ml_collections
+
+from mobilevis_jax.configs import runlocal
 from mobilevis_jax.data.config import imagenet_deit_config
 from mobilevis_jax.train.config import base_config, parse_arg
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, runlocal=False)
   c = base_config()
   c.model = 'mobilevig_s'
@@ -75,16 +81,6 @@ def get_config(arg=None):
   c.log_every_steps = 100
 
   if arg.runlocal:
-    c.model = 'mobilevig_ti'
-    c.data.image_size = 64
-    c.data.shuffle_buffer = 1000
-    c.global_batch_size = 48             # a multiple of repeated_aug=3 and of 8 devices
-    c.eval_batch_size = 64
-    c.num_train_steps = 40
-    c.optimizer.schedule_unit = 'step'   # 40 steps are less than one ImageNet epoch
-    c.optimizer.warmup_epochs = 0.0
-    c.optimizer.warmup_steps = 5
-    c.eval_every_epochs = 0.0
-    c.checkpoint_every_steps = 20
-    c.log_every_steps = 5
+    # 48: a multiple of repeated_aug=3 and of 8 devices
+    runlocal(c, model='mobilevig_ti', global_batch_size=48)
   return c

@@ -21,11 +21,14 @@ Differences from a timm run with these values: bfloat16 compute instead of AMP f
 repeated augmentation (timm's train.py default).
 """
 
+import ml_collections
+
+from mobilevis_jax.configs import runlocal
 from mobilevis_jax.data.config import imagenet_deit_config
 from mobilevis_jax.train.config import base_config, parse_arg
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, runlocal=False)
   c = base_config()
   c.model = 'parameternet_600m'
@@ -60,16 +63,5 @@ def get_config(arg=None):
   c.log_every_steps = 100
 
   if arg.runlocal:
-    c.model = 'parameternet_300m'
-    c.data.image_size = 64
-    c.data.shuffle_buffer = 1000
-    c.global_batch_size = 32
-    c.eval_batch_size = 64
-    c.num_train_steps = 40
-    c.optimizer.schedule_unit = 'step'
-    c.optimizer.warmup_epochs = 0.0
-    c.optimizer.warmup_steps = 5
-    c.eval_every_epochs = 0.0
-    c.checkpoint_every_steps = 20
-    c.log_every_steps = 5
+    runlocal(c, model='parameternet_300m', global_batch_size=32)
   return c

@@ -13,12 +13,14 @@ classifier the last; layer i of L = 19 trains at lr x 0.5 ** (L - 1 - i)
 (`optimizer.layer_decay_groups`; tested against timm's param_groups_layer_decay).
 
 Run (prepare the data once; the 22K run's work directory is the starting point):
-  mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS --data-dir ~/tensorflow_datasets
+  mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS \
+      --data-dir ~/tensorflow_datasets
   mobilevis train --config parameternet_600m_in22k_ft_in1k --workdir ~/runs/parameternet_600m_ft \
       --config.init_from ~/runs/parameternet_600m_in22k
 Smoke run of the same recipe (ParameterNet-300M at 64x64, 32 images per step, 40 steps; init_from
 a smoke run of the 22K recipe):
-  mobilevis train --config parameternet_600m_in22k_ft_in1k:runlocal --workdir /tmp/parameternet_ft_smoke \
+  mobilevis train --config parameternet_600m_in22k_ft_in1k:runlocal \
+      --workdir /tmp/parameternet_ft_smoke \
       --config.init_from /tmp/parameternet_smoke
 (`data.data_dir` defaults to $TFDS_DATA_DIR or ~/tensorflow_datasets, where prepare wrote.)
 `init_from` takes the 22K work directory (its newest checkpoint) or a variables checkpoint; every
@@ -28,6 +30,9 @@ Differences from a timm run with these values: bfloat16 compute instead of AMP f
 repeated augmentation.
 """
 
+import ml_collections
+
+from mobilevis_jax.configs import runlocal
 from mobilevis_jax.data.config import imagenet_deit_config
 from mobilevis_jax.train.config import base_config, parse_arg
 
@@ -36,7 +41,7 @@ from mobilevis_jax.train.config import base_config, parse_arg
 GHOSTNET_LAYERS = (r'^(?:conv_stem|bn1)/', r'^blocks_(\d+)_(\d+)/', r'+^conv_head/')
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, runlocal=False)
   c = base_config()
   c.model = 'parameternet_600m'
@@ -72,14 +77,5 @@ def get_config(arg=None):
   c.log_every_steps = 100
 
   if arg.runlocal:
-    c.model = 'parameternet_300m'
-    c.data.image_size = 64
-    c.data.shuffle_buffer = 1000
-    c.global_batch_size = 32
-    c.eval_batch_size = 64
-    c.num_train_steps = 40
-    c.optimizer.schedule_unit = 'step'
-    c.eval_every_epochs = 0.0
-    c.checkpoint_every_steps = 20
-    c.log_every_steps = 5
+    runlocal(c, model='parameternet_300m', global_batch_size=32)
   return c

@@ -1,4 +1,5 @@
-"""ParC-Net-S, ImageNet-1K, 300 epochs (hkzhang91/ParC-Net config/classification/edgeformer/edgeformer_s.yaml).
+"""ParC-Net-S, ImageNet-1K, 300 epochs (hkzhang91/ParC-Net
+config/classification/edgeformer/edgeformer_s.yaml).
 
 Paper: 78.6% top-1, 5.0M params, 1.74 GMACs at 256x256 (ECCV 2022); the released number is
 `checkpoint_ema_avg.pt`, the average of the 5 best EMA checkpoints (here `keep_best_ema=5` and
@@ -12,7 +13,8 @@ Hardware: the authors used 8 V100 (32 GB) or A100 GPUs, ~2 days; here 1024 image
 256x256 over any device count that divides the per-step batches.
 
 Run (prepare the data once, train, then average the 5 best EMA evaluations and evaluate that):
-  mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS --data-dir ~/tensorflow_datasets
+  mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS \
+      --data-dir ~/tensorflow_datasets
   mobilevis train --config parcnet_s_in1k --workdir ~/runs/parcnet_s
   mobilevis average --workdir ~/runs/parcnet_s --k 5 --out ~/runs/parcnet_s/ema_avg
   mobilevis eval --config parcnet_s_in1k --checkpoint ~/runs/parcnet_s/ema_avg
@@ -31,11 +33,14 @@ Differences from the PyTorch run, all of them:
 - The eval resize is TensorFlow's bilinear resize, not cv2's (differences of one grey level).
 """
 
+import ml_collections
+
+from mobilevis_jax.configs import runlocal
 from mobilevis_jax.data.config import parc_config
 from mobilevis_jax.train.config import base_config, parse_arg
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, runlocal=False)
   c = base_config()
   c.model = 'parcnet_s'
@@ -67,16 +72,7 @@ def get_config(arg=None):
   c.log_every_steps = 100
 
   if arg.runlocal:
-    c.model = 'parcnet_xs'
-    c.data.image_size = 64
+    runlocal(c, model='parcnet_xs', global_batch_size=64)
     c.data.multi_scale = (40, 48, 64, 72, 80)  # {160, ..., 320} around 256, scaled by 1/4
     c.data.crop_pct = 64 / 72                  # resize 288 -> crop 256, scaled
-    c.data.shuffle_buffer = 1000
-    c.global_batch_size = 64
-    c.eval_batch_size = 64
-    c.num_train_steps = 40
-    c.optimizer.warmup_steps = 5
-    c.eval_every_epochs = 0.0
-    c.checkpoint_every_steps = 20
-    c.log_every_steps = 5
   return c

@@ -11,16 +11,20 @@ Hardware: the authors used 8 GPUs x 256 images (~6.5 min per epoch on 8x3090); h
 per step over any device count that divides it (8 GPUs, a v4-32 slice, ...).
 
 Run (prepare the data once, import the teacher once, then train):
-  mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS --data-dir ~/tensorflow_datasets
+  mobilevis data prepare imagenet2012 --manual-dir DIR_WITH_ILSVRC2012_TARS \
+      --data-dir ~/tensorflow_datasets
   # the DeiT teacher, RegNetY-16GF (82.9%): on a machine with internet and timm,
-  #   python -c "import timm, safetensors.torch as st; st.save_file(timm.create_model('regnety_160.deit_in1k', pretrained=True).state_dict(), 'regnety_160.safetensors')"
-  mobilevis import --model regnety_160 --layout timm --weights regnety_160.safetensors --out ~/teachers/regnety_160
+  #   python -c "import timm, safetensors.torch as st; st.save_file(timm.create_model( \
+  #     'regnety_160.deit_in1k', pretrained=True).state_dict(), 'regnety_160.safetensors')"
+  mobilevis import --model regnety_160 --layout timm --weights regnety_160.safetensors \
+      --out ~/teachers/regnety_160
   mobilevis train --config repvit_m1_1_in1k --workdir ~/runs/repvit_m1_1 \
       --config.distillation.teacher_checkpoint ~/teachers/regnety_160
 Smoke run of the same recipe (RepViT-M0.6 at 64x64, 48 images per step, 40 steps):
   mobilevis train --config repvit_m1_1_in1k:runlocal --workdir /tmp/repvit_smoke \
       --config.distillation.teacher_checkpoint ~/teachers/regnety_160
-(`data.data_dir` defaults to $TFDS_DATA_DIR or ~/tensorflow_datasets, where prepare wrote.) The run refuses to start without the teacher checkpoint, or with a checkpoint of another model.
+(`data.data_dir` defaults to $TFDS_DATA_DIR or ~/tensorflow_datasets, where prepare wrote.) The run
+refuses to start without the teacher checkpoint, or with a checkpoint of another model.
 
 Differences from the PyTorch run, all of them:
 - AMP fp16 becomes bfloat16 compute with float32 parameters, optimiser state and BN statistics.
@@ -30,11 +34,14 @@ Differences from the PyTorch run, all of them:
   evaluates the raw unfused model (fused and unfused agree to float32 rounding).
 """
 
+import ml_collections
+
+from mobilevis_jax.configs import runlocal
 from mobilevis_jax.data.config import imagenet_deit_config
 from mobilevis_jax.train.config import base_config, parse_arg
 
 
-def get_config(arg=None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, runlocal=False)
   c = base_config()
   c.model = 'repvit_m1_1'
@@ -74,16 +81,6 @@ def get_config(arg=None):
   c.log_every_steps = 100
 
   if arg.runlocal:
-    c.model = 'repvit_m0_6'
-    c.data.image_size = 64
-    c.data.shuffle_buffer = 1000
-    c.global_batch_size = 48             # a multiple of repeated_aug=3 and of 8 devices
-    c.eval_batch_size = 64
-    c.num_train_steps = 40
-    c.optimizer.schedule_unit = 'step'   # 40 steps are less than one ImageNet epoch
-    c.optimizer.warmup_epochs = 0.0
-    c.optimizer.warmup_steps = 5
-    c.eval_every_epochs = 0.0
-    c.checkpoint_every_steps = 20
-    c.log_every_steps = 5
+    # 48: a multiple of repeated_aug=3 and of 8 devices
+    runlocal(c, model='repvit_m0_6', global_batch_size=48)
   return c

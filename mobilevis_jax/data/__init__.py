@@ -11,6 +11,7 @@ our TFDS builders: ``mobilevis_digits`` (embedded default dataset) and ``imagene
 """
 import importlib.util
 import sys
+import types
 
 # Loading triton's native library (pulled in by torchvision / timm) *after* TensorFlow's crashes the
 # process (a native symbol clash, segfault in triton/knobs.py). Loading it first is harmless, so do
@@ -48,7 +49,7 @@ __all__ = ["CorruptImageError", "TrainSchedule", "dataset_info", "default_data_c
            "validate_data_config"]
 
 
-def get_source(name: str):
+def get_source(name: str) -> types.ModuleType:
   """The input source serving dataset ``name``: a module with ``train_iterator``,
   ``eval_iterator`` and ``dataset_info`` (the trainer's one entry point into this package).
 

@@ -33,17 +33,19 @@ def default_data_dir() -> str:
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  """The default data section: the embedded ``mobilevis_digits`` dataset at 32x32, light augmentation.
+  """The default data section: the embedded ``mobilevis_digits`` dataset at 32x32, light
+  augmentation.
 
   Every field:
 
   * ``name``: TFDS dataset, one of ``mobilevis_digits`` (embedded, built offline from scikit-learn's
     digits), ``imagenet2012`` (TFDS's own builder, manual tars), ``imagenet22k`` (our builder).
-  * ``builder_config``: TFDS builder config (``imagenet22k``: ``fall11`` or ``winter21``); '' = default.
+  * ``builder_config``: TFDS builder config (``imagenet22k``: ``fall11`` or ``winter21``); '' =
+    default.
   * ``data_dir``: TFDS data directory; '' means ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
-  * ``manual_dir``: directory holding the source archives (ImageNet tars); only used by ``prepare``.
   * ``file_format``: ``tfrecord`` or ``array_record`` (used when preparing; reading detects it).
-  * ``train_split`` / ``eval_split``: TFDS split names (any TFDS split expression, e.g. ``train[:90%]``).
+  * ``train_split`` / ``eval_split``: TFDS split names (any TFDS split expression, e.g.
+    ``train[:90%]``).
   * ``image_size``: train crop size and eval crop size (pixels, square).
   * ``interpolation``: resize kernel of RandomResizedCrop: ``bilinear``, ``bicubic`` or ``random``
     (per image, bilinear or bicubic with equal probability, like timm's ``random``).
@@ -79,13 +81,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   * ``cache``: cache the (host's share of the) encoded records in memory; for small datasets.
   * ``prefetch``: batches to prefetch on the host.
   * ``num_parallel_calls``: tf.data parallelism for decoding/augmenting; -1 = AUTOTUNE.
-  * ``eval_pad_to_batch``: eval batches are padded to the full batch with ``mask`` = 0.
   """
   c = ml_collections.ConfigDict()
   c.name = "mobilevis_digits"
   c.builder_config = ""
   c.data_dir = ""
-  c.manual_dir = ""
   c.file_format = "tfrecord"
   c.train_split = "train"
   c.eval_split = "validation"
@@ -112,11 +112,11 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.cache = False
   c.prefetch = 2
   c.num_parallel_calls = -1
-  c.eval_pad_to_batch = True
   return c
 
 
-def imagenet_deit_config(image_size: int = 224, crop_pct: float = 0.875) -> ml_collections.ConfigDict:
+def imagenet_deit_config(image_size: int = 224,
+                         crop_pct: float = 0.875) -> ml_collections.ConfigDict:
   """ImageNet-1K with the DeiT-style recipe RepViT and MobileViG train with."""
   c = default_data_config()
   c.name = "imagenet2012"
@@ -135,7 +135,8 @@ def imagenet_deit_config(image_size: int = 224, crop_pct: float = 0.875) -> ml_c
 
 
 def parc_config() -> ml_collections.ConfigDict:
-  """ImageNet-1K with ParC-Net's recipe: bilinear crop + flip, BGR/255 input, multi-scale batches."""
+  """ImageNet-1K with ParC-Net's recipe: bilinear crop + flip, BGR/255 input, multi-scale
+  batches."""
   c = default_data_config()
   c.name = "imagenet2012"
   c.image_size = 256
@@ -151,7 +152,7 @@ def parc_config() -> ml_collections.ConfigDict:
   return c
 
 
-def validate_data_config(cfg) -> None:
+def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first field with a value the pipeline cannot honour."""
   if cfg.name not in DATASETS:
     raise ValueError(f"data.name={cfg.name!r}; expected one of {DATASETS}")
@@ -172,7 +173,7 @@ def validate_data_config(cfg) -> None:
     parse_randaugment(cfg.randaugment)  # raises ValueError on a bad string
 
 
-def validate_sampler_config(cfg) -> None:
+def validate_sampler_config(cfg: ml_collections.ConfigDict) -> None:
   """The sampler fields alone (``repeated_aug``, ``multi_scale``; any data source, also the
   trainer's synthetic one): raises ValueError naming the field."""
   if int(cfg.repeated_aug) < 1:

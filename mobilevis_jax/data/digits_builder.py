@@ -1,4 +1,5 @@
-"""``mobilevis_digits``: an offline default dataset, exposed through the real TFDS builder interface.
+"""``mobilevis_digits``: an offline default dataset, exposed through the real TFDS builder
+interface.
 
 Built from scikit-learn's bundled handwritten digits (1,797 8x8 greyscale images, 10 classes; the
 data ships inside the scikit-learn wheel, so nothing is downloaded). Each image is scaled to

@@ -4,9 +4,9 @@ They reproduce the layouts the real builders read, including the real archives' 
 
 * :func:`write_ilsvrc2012`: ``ILSVRC2012_img_train.tar`` (a tar of per-synset tars) and
   ``ILSVRC2012_img_val.tar`` (flat, ``ILSVRC2012_val_00000001.JPEG`` ...; TFDS assigns validation
-  labels from the ``validation_labels.txt`` it ships, in sorted file-name order). The train tar holds
-  ``n01739381_1309.JPEG`` as a CMYK JPEG and ``n02105855_2933.JPEG`` as a PNG, the very file names
-  TFDS's builder repairs.
+  labels from the ``validation_labels.txt`` it ships, in sorted file-name order). The train tar
+  holds ``n01739381_1309.JPEG`` as a CMYK JPEG and ``n02105855_2933.JPEG`` as a PNG, the very file
+  names TFDS's builder repairs.
 * :func:`write_imagenet21k`: ``fall11_whole.tar`` / ``winter21_whole.tar.gz`` of per-synset tars.
 
 Images are smooth random colour fields (JPEG sizes close to photographs', unlike white noise).
@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -66,12 +67,14 @@ def _write_tar(path: str, members: dict[str, bytes], gzip: bool = False) -> None
       tar.addfile(info, io.BytesIO(data))
 
 
-def synset_images(rng, synset: str, count: int, size=(500, 375), start: int = 1) -> dict:
+def synset_images(rng: np.random.Generator, synset: str, count: int,
+                  size: tuple[int, int] = (500, 375), start: int = 1) -> dict:
   return {f"{synset}_{start + i}.JPEG": encode(random_image(rng, *size)) for i in range(count)}
 
 
-def write_ilsvrc2012(manual_dir: str, *, synsets=("n01440764", "n01443537"),
-                     images_per_class: int = 3, num_val: int = 6, size=(500, 375), seed: int = 0,
+def write_ilsvrc2012(manual_dir: str, *, synsets: Sequence[str] = ("n01440764", "n01443537"),
+                     images_per_class: int = 3, num_val: int = 6,
+                     size: tuple[int, int] = (500, 375), seed: int = 0,
                      corrupt_train_file: str | None = None) -> dict:
   """Writes the two ILSVRC2012 tars; returns ``{'train': {synset: [names]}, 'val': [names]}``.
 
@@ -98,8 +101,9 @@ def write_ilsvrc2012(manual_dir: str, *, synsets=("n01440764", "n01443537"),
 
 
 def write_imagenet21k(manual_dir: str, *, archive: str = "fall11_whole.tar",
-                      synsets=("n00004475", "n00005787", "n00006024"), images_per_class: int = 6,
-                      size=(120, 90), seed: int = 0, corrupt_file: str | None = None) -> dict:
+                      synsets: Sequence[str] = ("n00004475", "n00005787", "n00006024"),
+                      images_per_class: int = 6, size: tuple[int, int] = (120, 90), seed: int = 0,
+                      corrupt_file: str | None = None) -> dict:
   """Writes a release-layout archive (gzip if the name ends in .gz); returns {synset: [names]}.
 
   The first synset also gets a CMYK JPEG and a PNG saved under a .JPEG name.

@@ -85,7 +85,7 @@ class Imagenet22k(tfds.core.GeneratorBasedBuilder):
   winter21_whole.tar.gz (config winter21), from https://image-net.org/download-images.
   """
 
-  def __init__(self, *, skip_corrupt: bool = False, **kwargs):
+  def __init__(self, *, skip_corrupt: bool = False, **kwargs: object) -> None:
     self._skip_corrupt = skip_corrupt
     super().__init__(**kwargs)
 

@@ -54,6 +54,7 @@ import logging
 import math
 import threading
 
+import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -75,7 +76,7 @@ _CORRUPT_MARKER = "mobilevis: corrupt JPEG"
 _plain = tf.autograph.experimental.do_not_convert
 
 
-def dataset_info(cfg) -> dict:
+def dataset_info(cfg: ml_collections.ConfigDict) -> dict:
   """``{'num_classes': K, 'splits': {name: count}}`` (prepares the embedded dataset if needed)."""
   config_lib.validate_data_config(cfg)
   return sources.dataset_info(cfg)
@@ -103,11 +104,11 @@ def _is_jpeg_ok(data):
 class _SkipCounter:
   """Counts (and logs) records dropped as corrupt when ``skip_corrupt`` is on."""
 
-  def __init__(self):
+  def __init__(self) -> None:
     self.count = 0
     self._lock = threading.Lock()
 
-  def __call__(self, name):
+  def __call__(self, name: tf.Tensor) -> bool:
     with self._lock:
       self.count += 1
       log.warning("skipping corrupt JPEG %s (%d skipped so far)", name.numpy().decode(), self.count)
@@ -134,7 +135,7 @@ def _guard_corrupt(ds, skip_corrupt: bool, counter: _SkipCounter):
 class BatchIterator:
   """Wraps a tf.data iterator: numpy dicts out, corrupt-record errors as CorruptImageError."""
 
-  def __init__(self, ds: tf.data.Dataset, counter: _SkipCounter | None = None):
+  def __init__(self, ds: tf.data.Dataset, counter: _SkipCounter | None = None) -> None:
     self._it = iter(ds.as_numpy_iterator())
     self._counter = counter
 
@@ -144,7 +145,7 @@ class BatchIterator:
     prefetch buffer, so this can include records of batches not yet returned."""
     return self._counter.count if self._counter else 0
 
-  def __iter__(self):
+  def __iter__(self) -> BatchIterator:
     return self
 
   def __next__(self) -> dict:
@@ -221,7 +222,7 @@ _RA_ROUND = 256
 _KEY_BITS = 20
 
 
-def sampler_name(cfg) -> str:
+def sampler_name(cfg: ml_collections.ConfigDict) -> str:
   """Which sampler a data config selects: ``variable_batch`` (``multi_scale`` set),
   ``repeated_aug`` (``repeated_aug > 1``) or ``stream`` (plain reshuffled epochs)."""
   if cfg.multi_scale:
@@ -261,7 +262,8 @@ def check_device_batch(global_batch_size: int, num_devices: int, process_count: 
   return global_batch_size // num_devices
 
 
-def variable_batch_table(cfg, *, global_batch_size: int, num_devices: int) -> list[tuple[int, int]]:
+def variable_batch_table(cfg: ml_collections.ConfigDict, *, global_batch_size: int, num_devices: int
+                        ) -> list[tuple[int, int]]:
   """cvnets' ``(resolution, per-device batch)`` pairs for ``cfg.multi_scale``.
 
   The base per-device batch ``b = global_batch_size / num_devices`` is the batch at
@@ -351,13 +353,13 @@ class TrainSchedule:
     """int64 ``[num_epochs + 1]``: the first step of each epoch, then ``total_steps``."""
     return np.concatenate([[0], np.cumsum(self.epoch_steps)]).astype(np.int64)
 
-  def epoch_of(self, step):
+  def epoch_of(self, step: int | np.ndarray) -> np.ndarray:
     """The (0-based) epoch that step ``step`` (0-based; scalar or array) belongs to."""
     return np.searchsorted(self.epoch_starts, step, side="right") - 1
 
 
-def train_schedule(cfg, *, num_examples: int, global_batch_size: int, num_devices: int, seed: int,
-                   num_epochs: int) -> TrainSchedule:
+def train_schedule(cfg: ml_collections.ConfigDict, *, num_examples: int, global_batch_size: int,
+                   num_devices: int, seed: int, num_epochs: int) -> TrainSchedule:
   """The steps :func:`train_iterator` yields for ``num_epochs`` epochs (same arguments).
 
   ``num_examples`` is the size of ``cfg.train_split`` (``dataset_info``). Only the sampler fields
@@ -410,9 +412,10 @@ def _num_devices(num_devices: int | None) -> int:
   return int(num_devices)
 
 
-def train_iterator(cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
-                   process_index: int | None = None, process_count: int | None = None,
-                   num_devices: int | None = None):
+def train_iterator(cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                   start_step: int = 0, process_index: int | None = None,
+                   process_count: int | None = None,
+                   num_devices: int | None = None) -> BatchIterator:
   """Infinite iterator over this host's train batches (see the module docstring).
 
   Args:
@@ -611,8 +614,9 @@ def _variable_batch_dataset(cfg, epoch_records, host_seed, *, num_examples, glob
 # ----------------------------------------------------------------------------- eval
 
 
-def eval_iterator(cfg, *, global_batch_size: int, process_index: int | None = None,
-                  process_count: int | None = None):
+def eval_iterator(cfg: ml_collections.ConfigDict, *, global_batch_size: int,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> BatchIterator:
   """One pass over ``cfg.eval_split``: ``{'image', 'label', 'mask'}`` batches (padded)."""
   process_index, process_count, local_batch = _host_share(cfg, global_batch_size, process_index,
                                                           process_count)

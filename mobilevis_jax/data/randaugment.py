@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -115,7 +116,7 @@ def _histograms(image):
                    for c in range(3)])
 
 
-def autocontrast(image):
+def autocontrast(image: tf.Tensor) -> tf.Tensor:
   hist = _histograms(image)
   levels = tf.range(256, dtype=tf.float32)
   present = hist > 0
@@ -128,7 +129,7 @@ def autocontrast(image):
   return _lut(image, table)
 
 
-def equalize(image):
+def equalize(image: tf.Tensor) -> tf.Tensor:
   hist = _histograms(image)
   levels = tf.range(256, dtype=tf.float32)
   tables = []
@@ -144,39 +145,39 @@ def equalize(image):
   return _lut(image, tf.stack(tables))
 
 
-def invert(image):
+def invert(image: tf.Tensor) -> tf.Tensor:
   return 255.0 - image
 
 
-def posterize(image, bits):
+def posterize(image: tf.Tensor, bits: tf.Tensor | int) -> tf.Tensor:
   shift = tf.cast(8 - bits, tf.int32)
   as_int = tf.cast(image, tf.int32)
   kept = tf.bitwise.left_shift(tf.bitwise.right_shift(as_int, shift), shift)
   return tf.where(bits >= 8, image, tf.cast(kept, tf.float32))
 
 
-def solarize(image, threshold):
+def solarize(image: tf.Tensor, threshold: tf.Tensor | float) -> tf.Tensor:
   return tf.where(image < threshold, image, 255.0 - image)
 
 
-def solarize_add(image, add, threshold=128.0):
+def solarize_add(image: tf.Tensor, add: tf.Tensor | float, threshold: float = 128.0) -> tf.Tensor:
   return tf.where(image < threshold, tf.minimum(image + add, 255.0), image)
 
 
-def color(image, factor):
+def color(image: tf.Tensor, factor: tf.Tensor | float) -> tf.Tensor:
   return _blend(_luma(image) * tf.ones_like(image), image, factor)
 
 
-def contrast(image, factor):
+def contrast(image: tf.Tensor, factor: tf.Tensor | float) -> tf.Tensor:
   mean = tf.floor(tf.reduce_mean(_luma(image)) + 0.5)
   return _blend(mean * tf.ones_like(image), image, factor)
 
 
-def brightness(image, factor):
+def brightness(image: tf.Tensor, factor: tf.Tensor | float) -> tf.Tensor:
   return _blend(tf.zeros_like(image), image, factor)
 
 
-def sharpness(image, factor):
+def sharpness(image: tf.Tensor, factor: tf.Tensor | float) -> tf.Tensor:
   kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
   kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
   smooth = tf.nn.depthwise_conv2d(image[None], kernel, [1, 1, 1, 1], "VALID")[0]
@@ -191,7 +192,7 @@ def sharpness(image, factor):
   return _blend(degenerate, image, factor)
 
 
-def affine(image, matrix):
+def affine(image: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
   """PIL ``Image.transform(size, AFFINE, matrix, BILINEAR, fillcolor=FILL)``.
 
   ``matrix`` (a, b, c, d, e, f) maps output to input coordinates in PIL's convention (pixel centres
@@ -212,7 +213,7 @@ def affine(image, matrix):
   return tf.clip_by_value(tf.round(filled), 0.0, 255.0)
 
 
-def rotate(image, degrees):
+def rotate(image: tf.Tensor, degrees: tf.Tensor | float) -> tf.Tensor:
   shape = tf.cast(tf.shape(image), tf.float32)
   cx, cy = shape[1] / 2.0, shape[0] / 2.0
   angle = -degrees * (math.pi / 180.0)
@@ -223,20 +224,20 @@ def rotate(image, degrees):
   return affine(image, tf.stack([cos, sin, c, -sin, cos, f]))
 
 
-def shear_x(image, factor):
+def shear_x(image: tf.Tensor, factor: tf.Tensor | float) -> tf.Tensor:
   return affine(image, tf.stack([1.0, factor, 0.0, 0.0, 1.0, 0.0]))
 
 
-def shear_y(image, factor):
+def shear_y(image: tf.Tensor, factor: tf.Tensor | float) -> tf.Tensor:
   return affine(image, tf.stack([1.0, 0.0, 0.0, factor, 1.0, 0.0]))
 
 
-def translate_x_rel(image, pct):
+def translate_x_rel(image: tf.Tensor, pct: tf.Tensor | float) -> tf.Tensor:
   pixels = pct * tf.cast(tf.shape(image)[1], tf.float32)
   return affine(image, tf.stack([1.0, 0.0, pixels, 0.0, 1.0, 0.0]))
 
 
-def translate_y_rel(image, pct):
+def translate_y_rel(image: tf.Tensor, pct: tf.Tensor | float) -> tf.Tensor:
   pixels = pct * tf.cast(tf.shape(image)[0], tf.float32)
   return affine(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, pixels]))
 
@@ -248,7 +249,8 @@ def _signed(value, negate):
   return tf.where(negate, -value, value)
 
 
-def apply_op(name: str, image, magnitude, negate, translate_pct: float = 0.45):
+def apply_op(name: str, image: tf.Tensor, magnitude: tf.Tensor | float, negate: tf.Tensor | bool,
+             translate_pct: float = 0.45) -> tf.Tensor:
   """Applies the timm op ``name`` at ``magnitude`` (0..10); ``negate`` is timm's random sign."""
   level = magnitude / LEVEL_DENOM
   enhance_inc = tf.maximum(0.1, 1.0 + _signed(level * 0.9, negate))
@@ -301,7 +303,8 @@ def _op_dispatcher(ops: tuple[str, ...]):
   return dispatch
 
 
-def randaugment(image, seed, spec: RandAugmentSpec, dispatch=None):
+def randaugment(image: tf.Tensor, seed: tf.Tensor, spec: RandAugmentSpec,
+                dispatch: Callable | None = None) -> tf.Tensor:
   """timm ``RandAugment`` on a float32 HWC image in 0..255 (rounded to integers first, as the
   PIL image timm works on is uint8). ``dispatch``: a shared :func:`_op_dispatcher` (optional)."""
   image = tf.round(tf.clip_by_value(image, 0.0, 255.0))

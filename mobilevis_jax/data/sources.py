@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 
+import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -31,6 +32,7 @@ import tensorflow_datasets as tfds
 from mobilevis_jax.data import config as config_lib
 
 log = logging.getLogger(__name__)
+Builder = tfds.core.DatasetBuilder  # (for the annotations)
 _plain = tf.autograph.experimental.do_not_convert  # our dataset functions need no AutoGraph
 
 # Datasets whose source ships with a declared dependency and can be prepared without asking.
@@ -49,7 +51,7 @@ def builder_name(name: str, builder_config: str = "") -> str:
 
 
 def get_builder(name: str, *, data_dir: str = "", builder_config: str = "",
-                file_format: str | None = None, skip_corrupt: bool = False):
+                file_format: str | None = None, skip_corrupt: bool = False) -> Builder:
   """The TFDS builder of one of our dataset names (not prepared by this call)."""
   from mobilevis_jax.data import digits_builder, imagenet22k_builder  # noqa: F401 (registers them)
   kwargs = {"data_dir": _data_dir(data_dir)}
@@ -61,7 +63,7 @@ def get_builder(name: str, *, data_dir: str = "", builder_config: str = "",
 
 
 def prepare(name: str, *, data_dir: str = "", manual_dir: str = "", builder_config: str = "",
-            file_format: str = "tfrecord", skip_corrupt: bool = False):
+            file_format: str = "tfrecord", skip_corrupt: bool = False) -> Builder:
   """Runs the TFDS builder (``download_and_prepare``) with ``manual_dir``; returns the builder."""
   builder = get_builder(name, data_dir=data_dir, builder_config=builder_config,
                         file_format=file_format, skip_corrupt=skip_corrupt)
@@ -70,7 +72,7 @@ def prepare(name: str, *, data_dir: str = "", manual_dir: str = "", builder_conf
   return builder
 
 
-def builder_for(cfg):
+def builder_for(cfg: ml_collections.ConfigDict) -> Builder:
   """The prepared builder for a data config; prepares the embedded dataset if needed."""
   builder = get_builder(cfg.name, data_dir=cfg.data_dir, builder_config=cfg.builder_config)
   if not builder.is_prepared():
@@ -85,7 +87,7 @@ def builder_for(cfg):
   return builder
 
 
-def dataset_info(cfg) -> dict:
+def dataset_info(cfg: ml_collections.ConfigDict) -> dict:
   """``{'num_classes': K, 'splits': {name: count}}`` of a (prepared) dataset."""
   builder = builder_for(cfg)
   return {"num_classes": int(builder.info.features["label"].num_classes),
@@ -102,7 +104,8 @@ def _process(process_index, process_count) -> tuple[int, int]:
   return int(process_index), int(process_count)
 
 
-def host_shards(builder, split: str, process_index: int, process_count: int):
+def host_shards(builder: Builder, split: str, process_index: int,
+                process_count: int) -> tuple[list, int]:
   """(file instructions, number of examples) of this host's part of ``split``."""
   if process_count > builder.info.splits[split].num_examples:
     raise ValueError(f"split {split!r} has fewer examples than the {process_count} hosts")
@@ -128,7 +131,7 @@ def _read_tfrecord(files, skips, takes, order, cycle_length: int) -> tf.data.Dat
 class _ArrayRecordShards:
   """Random access to the host's records of an ArrayRecord build (read in a py_function)."""
 
-  def __init__(self, instructions):
+  def __init__(self, instructions: list) -> None:
     from array_record.python import array_record_module
     self._readers = [array_record_module.ArrayRecordReader(
         fi.filename, "readahead_buffer_size:0") for fi in instructions]
@@ -160,12 +163,13 @@ class TrainShard:
   ``epoch(e)`` is a ``tf.data`` dataset of the shard's ``num_examples`` serialized records, each
   exactly once: ArrayRecord builds and ``cache`` use an exact per-epoch permutation
   (``index_shuffle``); TFRecord builds read the shard files in a per-epoch order, interleaved,
-  through a shuffle buffer seeded by the epoch. Iterating ``epoch(e)`` twice yields the same order, which
-  the samplers rely on when they wrap around an epoch (padding) or resume inside one.
+  through a shuffle buffer seeded by the epoch. Iterating ``epoch(e)`` twice yields the same
+  order, which the samplers rely on when they wrap around an epoch (padding) or resume inside one.
   """
 
-  def __init__(self, builder, split: str, *, seed: int, process_index: int, process_count: int,
-               shuffle_buffer: int = 10_000, cache: bool = False):
+  def __init__(self, builder: Builder, split: str, *, seed: int, process_index: int,
+               process_count: int, shuffle_buffer: int = 10_000,
+               cache: bool = False) -> None:
     instructions, n = host_shards(builder, split, process_index, process_count)
     self.num_examples = n
     # Hosts must shuffle differently: fold the host into the seed.
@@ -190,7 +194,7 @@ class TrainShard:
     return tf.data.Dataset.range(self.num_examples).map(_plain(
         lambda i: tf.random.experimental.index_shuffle(i, seed, last)))
 
-  def epoch(self, epoch) -> tf.data.Dataset:
+  def epoch(self, epoch: int | tf.Tensor) -> tf.data.Dataset:
     """One pass over the shard (serialized records) in epoch ``epoch``'s order."""
     if self._table is not None:
       table = self._table
@@ -212,8 +216,9 @@ class TrainShard:
     return ds
 
 
-def train_records(builder, split: str, *, seed: int, process_index: int, process_count: int,
-                  start: int = 0, shuffle_buffer: int = 10_000, cache: bool = False):
+def train_records(builder: Builder, split: str, *, seed: int, process_index: int,
+                  process_count: int, start: int = 0, shuffle_buffer: int = 10_000,
+                  cache: bool = False) -> tuple[tf.data.Dataset, int]:
   """Infinite ``(position, serialized)`` stream of this host, starting at stream position ``start``.
 
   Epoch ``e`` is :meth:`TrainShard.epoch` ``(e)``, at positions ``e * n .. (e + 1) * n - 1``.
@@ -234,7 +239,8 @@ def train_records(builder, split: str, *, seed: int, process_index: int, process
   return epochs.flat_map(_plain(epoch_with_positions)), n
 
 
-def eval_records(builder, split: str, *, process_index: int, process_count: int):
+def eval_records(builder: Builder, split: str, *, process_index: int,
+                 process_count: int) -> tuple[tf.data.Dataset, int]:
   """One pass over this host's part of ``split`` in file order; returns ``(dataset, count)``."""
   instructions, n = host_shards(builder, split, process_index, process_count)
   fmt = _file_format(builder)

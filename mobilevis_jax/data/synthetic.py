@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import jax
+import ml_collections
 import numpy as np
 
 
@@ -40,8 +41,10 @@ def _process(process_index, process_count):
   return pi, pc
 
 
-def train_iterator(cfg, *, global_batch_size: int, seed: int, start_step: int = 0,
-                   process_index=None, process_count=None, num_devices=None) -> Iterator[dict]:
+def train_iterator(cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int,
+                   start_step: int = 0, process_index: int | None = None,
+                   process_count: int | None = None, num_devices: int | None = None
+                  ) -> Iterator[dict]:
   del num_devices  # uniform batches: the device layout does not change what is drawn
   pi, pc = _process(process_index, process_count)
   if global_batch_size % pc:
@@ -50,7 +53,8 @@ def train_iterator(cfg, *, global_batch_size: int, seed: int, start_step: int = 
   step = start_step
   while True:
     rng = np.random.default_rng([seed, step])
-    labels = rng.integers(0, _knob(cfg, 'synthetic_num_classes'), size=global_batch_size).astype(np.int32)
+    labels = rng.integers(0, _knob(cfg, 'synthetic_num_classes'),
+                          size=global_batch_size).astype(np.int32)
     images = _images(rng, labels, cfg.image_size, _knob(cfg, 'synthetic_num_classes'))
     if step == _knob(cfg, 'synthetic_nan_step'):
       images[:] = np.nan
@@ -59,8 +63,9 @@ def train_iterator(cfg, *, global_batch_size: int, seed: int, start_step: int = 
     step += 1
 
 
-def eval_iterator(cfg, *, global_batch_size: int, process_index=None,
-                  process_count=None) -> Iterator[dict]:
+def eval_iterator(cfg: ml_collections.ConfigDict, *, global_batch_size: int,
+                  process_index: int | None = None, process_count: int | None = None
+                 ) -> Iterator[dict]:
   pi, pc = _process(process_index, process_count)
   if global_batch_size % pc:
     raise ValueError(f'eval batch {global_batch_size} is not divisible by {pc} processes')
@@ -80,7 +85,7 @@ def eval_iterator(cfg, *, global_batch_size: int, process_index=None,
     yield {'image': img[sl], 'label': lab[sl], 'mask': mask[sl]}
 
 
-def dataset_info(cfg) -> dict:
+def dataset_info(cfg: ml_collections.ConfigDict) -> dict:
   return {'num_classes': int(_knob(cfg, 'synthetic_num_classes')),
           'splits': {cfg.train_split: int(_knob(cfg, 'synthetic_num_train')),
                      cfg.eval_split: int(_knob(cfg, 'synthetic_num_eval'))}}

@@ -25,16 +25,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _EOI_SEARCH_BYTES = 1024
 
 
-def split_seed(seed, n: int):
+def split_seed(seed: tf.Tensor, n: int) -> list[tf.Tensor]:
   """``n`` independent stateless seeds from one."""
   return tf.unstack(tf.random.experimental.stateless_split(seed, num=n))
 
 
-def uniform(seed, shape=(), minval=0.0, maxval=1.0):
+def uniform(seed: tf.Tensor, shape: tuple[int, ...] = (), minval: float = 0.0,
+            maxval: float = 1.0) -> tf.Tensor:
   return tf.random.stateless_uniform(shape, seed, minval=minval, maxval=maxval, dtype=tf.float32)
 
 
-def randint(seed, low, high):
+def randint(seed: tf.Tensor, low: tf.Tensor | int, high: tf.Tensor | int) -> tf.Tensor:
   """Integer in [low, high] inclusive (``high >= low``), like ``torch.randint(low, high + 1)``."""
   return tf.random.stateless_uniform([], seed, minval=low, maxval=high + 1, dtype=tf.int32)
 
@@ -42,7 +43,7 @@ def randint(seed, low, high):
 # ----------------------------------------------------------------------------- decoding
 
 
-def jpeg_is_complete(data):
+def jpeg_is_complete(data: tf.Tensor) -> tf.Tensor:
   """Whether a JPEG's last KiB holds the end-of-image marker FF D9.
 
   TensorFlow's ``decode_and_crop_jpeg`` happily decodes the top of a truncated file, so truncation
@@ -55,14 +56,17 @@ def jpeg_is_complete(data):
   return tf.reduce_any(tf.logical_and(tf.equal(tail[:-1], 0xFF), tf.equal(tail[1:], 0xD9)))
 
 
-def image_shape(data):
+def image_shape(data: tf.Tensor) -> tf.Tensor:
   return tf.image.extract_jpeg_shape(data)[:2]
 
 
 # ----------------------------------------------------------------------------- geometry
 
 
-def random_resized_crop_window(seed, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+def random_resized_crop_window(seed: tf.Tensor, height: tf.Tensor, width: tf.Tensor,
+                               scale: tuple[float, float] = (0.08, 1.0),
+                               ratio: tuple[float, float] = (3 / 4, 4 / 3)
+                               ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
   """torchvision ``RandomResizedCrop.get_params``: returns ``(top, left, h, w)`` (int32)."""
   h_f, w_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
   area = h_f * w_f
@@ -88,7 +92,8 @@ def random_resized_crop_window(seed, height, width, scale=(0.08, 1.0), ratio=(3 
   return top, left, crop_h, crop_w
 
 
-def resize(image, size, method: str, seed=None, antialias: bool = True):
+def resize(image: tf.Tensor, size: tf.Tensor | tuple[int, int], method: str,
+           seed: tf.Tensor | None = None, antialias: bool = True) -> tf.Tensor:
   """Float resize to ``size`` (h, w); ``method`` bilinear/bicubic/random."""
   image = tf.cast(image, tf.float32)
   if method == "random":
@@ -98,9 +103,12 @@ def resize(image, size, method: str, seed=None, antialias: bool = True):
   return tf.image.resize(image, size, method, antialias=antialias)
 
 
-def decode_random_resized_crop(data, seed, size, *, scale, ratio, interpolation, is_jpeg=True,
-                               antialias: bool = True):
-  """Decodes only the sampled window (fused for JPEG) and resizes it to ``size`` (float32 0..255)."""
+def decode_random_resized_crop(data: tf.Tensor, seed: tf.Tensor,
+                               size: tf.Tensor | tuple[int, int], *, scale: tuple[float, float],
+                               ratio: tuple[float, float], interpolation: str,
+                               is_jpeg: bool = True, antialias: bool = True) -> tf.Tensor:
+  """Decodes only the sampled window (fused for JPEG) and resizes it to ``size`` (float32
+  0..255)."""
   s_win, s_interp = split_seed(seed, 2)
   if is_jpeg:
     hw = image_shape(data)
@@ -115,12 +123,12 @@ def decode_random_resized_crop(data, seed, size, *, scale, ratio, interpolation,
   return tf.clip_by_value(out, 0.0, 255.0)
 
 
-def random_flip(image, seed, prob=0.5):
+def random_flip(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.5) -> tf.Tensor:
   return tf.cond(uniform(seed) < prob, lambda: tf.reverse(image, [1]), lambda: image)
 
 
-def resize_shorter_center_crop(image, size: int, crop_pct: float, method="bicubic",
-                               antialias: bool = True):
+def resize_shorter_center_crop(image: tf.Tensor, size: int, crop_pct: float,
+                               method: str = "bicubic", antialias: bool = True) -> tf.Tensor:
   """timm eval transform: Resize(floor(size / crop_pct)) on the shorter side, CenterCrop(size)."""
   scale_size = int(math.floor(size / crop_pct))
   hw = tf.shape(image)[:2]
@@ -148,7 +156,7 @@ def _blend(a, b, factor):
   return tf.clip_by_value(b + factor * (a - b), 0.0, 255.0)
 
 
-def color_jitter(image, seed, strength: float):
+def color_jitter(image: tf.Tensor, seed: tf.Tensor, strength: float) -> tf.Tensor:
   """torchvision ``ColorJitter(strength, strength, strength)`` on float 0..255, random op order."""
   s_order, s_b, s_c, s_s = split_seed(seed, 4)
   lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
@@ -164,7 +172,7 @@ def color_jitter(image, seed, strength: float):
   return image
 
 
-def normalize(image, mode: str):
+def normalize(image: tf.Tensor, mode: str) -> tf.Tensor:
   """float 0..255 RGB -> model input. ``parc_bgr`` is ParC-Net's cv2 convention (BGR, /255)."""
   image = image / 255.0
   if mode == "imagenet":
@@ -179,8 +187,9 @@ def normalize(image, mode: str):
 # ----------------------------------------------------------------------------- random erasing
 
 
-def random_erasing(image, seed, prob: float, *, min_area=0.02, max_area=1 / 3,
-                   min_aspect=0.3, attempts=10):
+def random_erasing(image: tf.Tensor, seed: tf.Tensor, prob: float, *, min_area: float = 0.02,
+                   max_area: float = 1 / 3, min_aspect: float = 0.3,
+                   attempts: int = 10) -> tf.Tensor:
   """timm ``RandomErasing(prob, mode='pixel', max_count=1)`` on a normalised HWC image.
 
   With probability ``prob`` one rectangle (area fraction in [min_area, max_area], log-uniform

@@ -168,7 +168,7 @@ LayoutFn = Callable[..., list[Entry]]
 _LAYOUTS: dict[tuple[str, str], LayoutFn] = {}
 
 
-def register_torch_layout(layout: str):
+def register_torch_layout(layout: str) -> Callable[[LayoutFn], LayoutFn]:
   """Decorator registering ``fn(model_name, model, variables) -> list[Entry]`` as the ``layout``
   key layout of the family named by ``fn``'s module (``interop/repvit.py`` -> ``'repvit'``)."""
 

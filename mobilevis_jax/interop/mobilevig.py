@@ -16,6 +16,8 @@ Every BN contributes ``num_batches_tracked``, so an exported file passes the off
 """
 from __future__ import annotations
 
+import flax.linen as nn
+
 from mobilevis_jax.interop.keymap import (
   Entry,
   bn,
@@ -28,7 +30,7 @@ from mobilevis_jax.interop.keymap import (
 
 
 @register_torch_layout("official")
-def official_layout(model_name: str, model, variables) -> list[Entry]:
+def official_layout(model_name: str, model: nn.Module, variables: dict) -> list[Entry]:
   cfg = model.config
   entries = (conv("stem.stem.0", ("stem", "conv1"), bias=True) + bn("stem.stem.1", ("stem", "bn1"))
              + conv("stem.stem.3", ("stem", "conv2"), bias=True)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import flax.linen as nn
+
 from mobilevis_jax.interop import keymap
 from mobilevis_jax.interop.keymap import Entry, register_torch_layout
 
@@ -69,7 +71,7 @@ def _block_indices(params: dict) -> list[tuple[int, int]]:
   return sorted(idx)
 
 
-def ghostnet_entries(model, variables) -> list[Entry]:
+def ghostnet_entries(model: nn.Module, variables: dict) -> list[Entry]:
   """Entries for any :class:`~mobilevis_jax.models.parameternet.GhostNet` (PyTorch key order)."""
   params = variables["params"]
   dynamic, routing = model.dynamic, model.routing
@@ -91,14 +93,14 @@ def ghostnet_entries(model, variables) -> list[Entry]:
 
 
 @register_torch_layout("official")
-def official_layout(model_name: str, model, variables) -> list[Entry]:
+def official_layout(model_name: str, model: nn.Module, variables: dict) -> list[Entry]:
   if not model.dynamic:
     raise ValueError(f"{model_name} has static convs: its PyTorch keys are the 'timm' layout")
   return ghostnet_entries(model, variables)
 
 
 @register_torch_layout("timm")
-def timm_layout(model_name: str, model, variables) -> list[Entry]:
+def timm_layout(model_name: str, model: nn.Module, variables: dict) -> list[Entry]:
   if model.dynamic:
     raise ValueError(f"{model_name} has dynamic convs: timm has no such model; use the "
                      "'official' (ParameterNet) layout")

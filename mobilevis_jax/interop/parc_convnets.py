@@ -15,6 +15,8 @@ ParC-H, with the K axis last for ParC-W.
 """
 from __future__ import annotations
 
+import flax.linen as nn
+
 from mobilevis_jax.interop.keymap import (
   Entry,
   bn,
@@ -127,7 +129,7 @@ _BUILDERS = {
 
 
 @register_torch_layout("official")
-def official_layout(model_name: str, model, variables) -> list[Entry]:
+def official_layout(model_name: str, model: nn.Module, variables: dict) -> list[Entry]:
   """Entries of the official state_dict of ``model`` (any of the three ParC-ConvNets)."""
   builder = _BUILDERS.get(type(model))
   if builder is None:

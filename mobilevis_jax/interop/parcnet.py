@@ -24,6 +24,8 @@ Official quirk: ``edgeformer._make_outer_frame_v1`` stores each stage's downsamp
 """
 from __future__ import annotations
 
+import flax.linen as nn
+
 from mobilevis_jax.interop.keymap import (
   Entry,
   alias_prefix,
@@ -88,7 +90,7 @@ def _outer_frame(prefix: str, path: tuple[str, ...], num_blocks: int) -> list[En
 
 
 @register_torch_layout("official")
-def official_layout(model_name: str, model, variables) -> list[Entry]:
+def official_layout(model_name: str, model: nn.Module, variables: dict) -> list[Entry]:
   """Entries in the official state_dict order (``residual.*`` sits between layer_2 and layer_3)."""
   del model_name, variables
   cfg = model.config

@@ -7,6 +7,8 @@ classifier (Flax ``head`` is timm's ``head.fc``). This is also the layout of Dei
 """
 from __future__ import annotations
 
+import flax.linen as nn
+
 from mobilevis_jax.interop import keymap
 from mobilevis_jax.interop.keymap import Entry, register_torch_layout
 
@@ -18,7 +20,8 @@ def _conv_bn(torch_prefix: str, flax_path: tuple[str, ...]) -> list[Entry]:
 
 def _block(prefix: str, path: tuple[str, ...], block_params: dict) -> list[Entry]:
   # timm registers conv1, conv2, se, conv3, downsample in this order: the state_dict order.
-  out = _conv_bn(f"{prefix}.conv1", path + ("conv1",)) + _conv_bn(f"{prefix}.conv2", path + ("conv2",))
+  out = (_conv_bn(f"{prefix}.conv1", path + ("conv1",))
+         + _conv_bn(f"{prefix}.conv2", path + ("conv2",)))
   if "se" in block_params:
     out += keymap.conv(f"{prefix}.se.fc1", path + ("se", "fc1"), bias=True)
     out += keymap.conv(f"{prefix}.se.fc2", path + ("se", "fc2"), bias=True)
@@ -28,7 +31,7 @@ def _block(prefix: str, path: tuple[str, ...], block_params: dict) -> list[Entry
   return out
 
 
-def regnet_entries(model, variables) -> list[Entry]:
+def regnet_entries(model: nn.Module, variables: dict) -> list[Entry]:
   """Entries of any :class:`~mobilevis_jax.models.regnet.RegNet`, in timm's state_dict order."""
   params = variables["params"]
   out = _conv_bn("stem", ("stem",))
@@ -43,5 +46,5 @@ def regnet_entries(model, variables) -> list[Entry]:
 
 
 @register_torch_layout("timm")
-def timm_layout(model_name: str, model, variables) -> list[Entry]:
+def timm_layout(model_name: str, model: nn.Module, variables: dict) -> list[Entry]:
   return regnet_entries(model, variables)

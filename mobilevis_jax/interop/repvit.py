@@ -35,7 +35,8 @@ def _block(token_mixer: str, se: str | None, mlp: tuple[str, str], path: tuple[s
     if model.legacy:
       entries += conv_bn(f"{token_mixer}.conv1", tm + ("conv1",))
     else:
-      entries += conv(f"{token_mixer}.conv1", tm + ("conv1",), bias=True) + bn(f"{token_mixer}.bn", tm + ("bn",))
+      entries += (conv(f"{token_mixer}.conv1", tm + ("conv1",), bias=True)
+                  + bn(f"{token_mixer}.bn", tm + ("bn",)))
   if se is not None:
     entries += conv(f"{se}.fc1", path + ("se", "reduce"), bias=True)
     entries += conv(f"{se}.fc2", path + ("se", "expand"), bias=True)
@@ -51,12 +52,13 @@ def _head(prefix: str, dist_prefix: str, model: RepViT) -> list[Entry]:
     return dense(prefix, ("head",))
   entries = bn(f"{prefix}.bn", ("head", "bn")) + dense(f"{prefix}.l", ("head", "linear"))
   if model.distillation:
-    entries += bn(f"{dist_prefix}.bn", ("head_dist", "bn")) + dense(f"{dist_prefix}.l", ("head_dist", "linear"))
+    entries += (bn(f"{dist_prefix}.bn", ("head_dist", "bn"))
+                + dense(f"{dist_prefix}.l", ("head_dist", "linear")))
   return entries
 
 
 @register_torch_layout("official")
-def official_layout(model_name: str, model: RepViT, variables=None) -> list[Entry]:
+def official_layout(model_name: str, model: RepViT, variables: dict = None) -> list[Entry]:
   fused = isinstance(model, FusedRepViT)
   entries = (_conv_norm("features.0.0", ("stem_conv1",), fused)
              + _conv_norm("features.0.2", ("stem_conv2",), fused))
@@ -87,7 +89,7 @@ def official_layout(model_name: str, model: RepViT, variables=None) -> list[Entr
 
 
 @register_torch_layout("timm")
-def timm_layout(model_name: str, model: RepViT, variables=None) -> list[Entry]:
+def timm_layout(model_name: str, model: RepViT, variables: dict = None) -> list[Entry]:
   if isinstance(model, FusedRepViT):
     raise ValueError(f"{model_name}: timm has no fused RepViT layout; export the unfused model "
                      "or use layout='official'")

@@ -49,7 +49,8 @@ def _flax_leaves(variables) -> dict[tuple[str, ...], Any]:
 
 def _check_flax_coverage(entries, leaves, name, layout):
   mapped = {(e.collection,) + e.path for e in entries if e.collection is not None}
-  unmapped = sorted("/".join(k) for k in leaves if k not in mapped and k[0] in ("params", "batch_stats"))
+  unmapped = sorted("/".join(k) for k in leaves
+                    if k not in mapped and k[0] in ("params", "batch_stats"))
   dangling = sorted("/".join(k) for k in mapped if k not in leaves)
   if unmapped or dangling:
     raise RuntimeError(
@@ -59,7 +60,7 @@ def _check_flax_coverage(entries, leaves, name, layout):
 
 
 def to_torch_state_dict(name: str, variables: Mapping, layout: str = "official",
-                        **model_kwargs) -> dict[str, np.ndarray]:
+                        **model_kwargs: Any) -> dict[str, np.ndarray]:
   """Flax variables of model ``name`` -> PyTorch state_dict (numpy arrays, PyTorch key order).
 
   ``model_kwargs`` (``num_classes``, ``distillation``, ...) must match how the variables were made.
@@ -87,7 +88,7 @@ def to_torch_state_dict(name: str, variables: Mapping, layout: str = "official",
 
 
 def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], layout: str = "official",
-                          *, alias_atol: float = 0.0, **model_kwargs):
+                          *, alias_atol: float = 0.0, **model_kwargs: Any) -> dict:
   """PyTorch state_dict (numpy arrays or torch tensors) -> Flax variables of model ``name``.
 
   Raises :class:`StateDictError` listing missing keys, unexpected keys and shape mismatches, and
@@ -129,12 +130,14 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], layout: str 
       parts.append(f"duplicated keys that differ from their original: {bad_alias}")
     hint = (f" [model {name} built with {model_kwargs or 'default arguments'}; pass num_classes=/"
             f"distillation= if the checkpoint was made differently]") if mismatched else ""
-    raise StateDictError(f"state_dict does not match {name} ({layout} layout): " + "; ".join(parts) + hint)
+    raise StateDictError(f"state_dict does not match {name} ({layout} layout): "
+                         + "; ".join(parts) + hint)
 
   flat = {}
   for e in entries:
     if e.collection is None:
       continue
     leaf = leaves[(e.collection,) + e.path]
-    flat[(e.collection,) + e.path] = jnp.asarray(e.from_torch(sd[e.torch_key], leaf.shape), dtype=leaf.dtype)
+    flat[(e.collection,) + e.path] = jnp.asarray(e.from_torch(sd[e.torch_key], leaf.shape),
+                                                 dtype=leaf.dtype)
   return traverse_util.unflatten_dict(flat)

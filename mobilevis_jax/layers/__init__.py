@@ -13,6 +13,8 @@ from mobilevis_jax.layers.conv import (
                                        Dense,
                                        Linear,
                                        explicit_padding,
+                                       fan_in_uniform,
+                                       fan_out_normal_init,
                                        kaiming_normal_init,
                                        make_divisible,
                                        torch_default_bias_init,
@@ -25,7 +27,8 @@ from mobilevis_jax.layers.squeeze_excite import SqueezeExcite
 
 __all__ = [
     "BatchNorm", "Conv", "Conv2d", "ConvBN", "Dense", "DropPath", "LayerScale", "Linear",
-    "SqueezeExcite", "explicit_padding", "gelu", "hard_sigmoid", "hard_swish", "kaiming_normal_init",
-    "make_divisible", "relu", "relu6", "reparam", "silu", "sync_batch_stats",
+    "SqueezeExcite", "explicit_padding", "fan_in_uniform", "fan_out_normal_init", "gelu",
+    "hard_sigmoid", "hard_swish", "kaiming_normal_init", "make_divisible", "relu", "relu6",
+    "reparam", "silu", "sync_batch_stats",
     "torch_default_bias_init", "torch_default_kernel_init", "trunc_normal_init",
 ]

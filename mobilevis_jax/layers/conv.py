@@ -29,10 +29,26 @@ torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in"
 
 
 def kaiming_normal_init(mode: str = "fan_in") -> Callable:
-  """``torch.nn.init.kaiming_normal_(w, mode=mode, nonlinearity='relu')``: N(0, 2/fan), untruncated."""
+  """``torch.nn.init.kaiming_normal_(w, mode=mode, nonlinearity='relu')``: N(0, 2/fan),
+  untruncated."""
   if mode not in ("fan_in", "fan_out"):
     raise ValueError(f"mode must be 'fan_in' or 'fan_out', got {mode!r}")
   return nn.initializers.variance_scaling(2.0, mode, "normal")
+
+
+def fan_out_normal_init(groups: int = 1) -> Callable:
+  """timm regnet's conv init: N(0, 2 / fan_out) with ``fan_out = kh * kw * out_channels // groups``.
+
+  Not :func:`kaiming_normal_init` ``('fan_out')`` (torch's, = flax's variance_scaling), which
+  ignores ``groups``: that matters for grouped 3x3 convs (std sqrt(groups) times too small).
+  """
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    kh, kw, _, out = shape
+    std = math.sqrt(2.0 / (kh * kw * out // groups))
+    return std * jax.random.normal(key, shape, dtype)
+
+  return init
 
 
 def trunc_normal_init(std: float = 0.02, a: float = -2.0, b: float = 2.0) -> Callable:
@@ -50,6 +66,17 @@ def trunc_normal_init(std: float = 0.02, a: float = -2.0, b: float = 2.0) -> Cal
   return init
 
 
+def fan_in_uniform(fan_in: int) -> Callable:
+  """PyTorch's default Conv2d/Linear init with a known fan-in: U(+-1/sqrt(fan_in)), for a weight
+  or a bias (the one place the bound is written; :data:`torch_default_bias_init` resolves to it)."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
 class FanInUniformBias:
   """PyTorch's default Conv2d/Linear bias: U(+-1/sqrt(fan_in)), fan_in taken from the kernel.
 
@@ -62,8 +89,7 @@ class FanInUniformBias:
     if fan_in is None:
       raise TypeError("torch_default_bias_init needs the kernel's fan_in: use it with layers.Conv "
                       "/ layers.Conv2d / layers.Dense, not a plain flax module")
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return fan_in_uniform(fan_in)(key, shape, dtype)
 
   def __repr__(self) -> str:
     return "torch_default_bias_init"
@@ -75,7 +101,7 @@ torch_default_bias_init = FanInUniformBias()
 class FanInBiasMixin:
   """Resolves :data:`torch_default_bias_init` with the fan-in of the kernel created just before."""
 
-  def param(self, name: str, init_fn: Callable, *init_args, **init_kwargs):
+  def param(self, name: str, init_fn: Callable, *init_args: Any, **init_kwargs: Any) -> Any:
     if name == "bias" and isinstance(init_fn, FanInUniformBias):
       kernel = self.get_variable("params", "kernel")
       if kernel is None:
@@ -98,12 +124,14 @@ class Conv(FanInBiasMixin, DispatchConv):
 
 
 class Dense(FanInBiasMixin, nn.Dense):
-  """``flax.linen.Dense`` whose bias may use PyTorch's fan-in default (:data:`torch_default_bias_init`)."""
+  """``flax.linen.Dense`` whose bias may use PyTorch's fan-in default
+  (:data:`torch_default_bias_init`)."""
 
 
 def Linear(features: int, use_bias: bool = True, kernel_init: Callable = torch_default_kernel_init,
            bias_init: Callable = torch_default_bias_init, name: str | None = None) -> Dense:
-  """A dense layer initialised like ``torch.nn.Linear`` by default (weight and bias U(+-1/sqrt(fan_in)))."""
+  """A dense layer initialised like ``torch.nn.Linear`` by default (weight and bias
+  U(+-1/sqrt(fan_in)))."""
   return Dense(features, use_bias=use_bias, kernel_init=kernel_init, bias_init=bias_init, name=name)
 
 
@@ -131,7 +159,8 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
   return v  # type: ignore[return-value]
 
 
-def explicit_padding(kernel_size, padding: Padding | None, dilation=1) -> tuple[tuple[int, int], ...]:
+def explicit_padding(kernel_size: int | Sequence[int], padding: Padding | None,
+                     dilation: int | Sequence[int] = 1) -> tuple[tuple[int, int], ...]:
   """Per-side padding pairs; ``None`` means PyTorch's usual ``dilation * (k - 1) // 2``."""
   kh, kw = _pair(kernel_size)
   dh, dw = _pair(dilation)
@@ -147,8 +176,9 @@ def explicit_padding(kernel_size, padding: Padding | None, dilation=1) -> tuple[
   return pads  # type: ignore[return-value]
 
 
-def Conv2d(features: int, kernel_size=1, strides=1, padding: Padding | None = None, dilation=1,
-           groups: int = 1, use_bias: bool = True, kernel_init: Callable = torch_default_kernel_init,
+def Conv2d(features: int, kernel_size: int | Sequence[int] = 1, strides: int | Sequence[int] = 1,
+           padding: Padding | None = None, dilation: int | Sequence[int] = 1, groups: int = 1,
+           use_bias: bool = True, kernel_init: Callable = torch_default_kernel_init,
            bias_init: Callable = nn.initializers.zeros, name: str | None = None) -> nn.Conv:
   """A ``flax.linen.Conv`` configured like ``torch.nn.Conv2d`` (HWIO kernel, explicit pads).
 
@@ -166,10 +196,10 @@ class ConvBN(nn.Module):
   """Convolution -> BatchNorm -> optional activation: PyTorch's ``Sequential(conv, bn[, act])``.
 
   The one Conv-BN of the project (submodules ``conv`` and ``bn``). ``use_bias`` keeps a conv bias
-  (MobileViG), ``bn_scale_init`` sets the BN gamma (zeros for the last Conv-BN of a residual branch),
-  ``act`` is applied after BN, ``conv`` replaces the static convolution by another module factory
-  called as ``conv(features, kernel_size, strides, groups=groups, name='conv')`` (ParameterNet's
-  dynamic convolution).
+  (MobileViG), ``bn_scale_init`` sets the BN gamma (zeros for the last Conv-BN of a residual
+  branch), ``act`` is applied after BN, ``conv`` replaces the static convolution by another module
+  factory called as ``conv(features, kernel_size, strides, groups=groups, name='conv')``
+  (ParameterNet's dynamic convolution).
   """
   features: int
   kernel_size: int | tuple[int, int] = 1

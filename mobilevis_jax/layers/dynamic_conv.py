@@ -48,13 +48,19 @@ many feature groups is slow (see ``layers/kernels.py``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mobilevis_jax.layers.conv import Padding, _pair, explicit_padding, torch_default_kernel_init
+from mobilevis_jax.layers.conv import (
+    Padding,
+    _pair,
+    explicit_padding,
+    fan_in_uniform,
+    torch_default_kernel_init,
+)
 from mobilevis_jax.layers.kernels import dynamic_conv2d
 from mobilevis_jax.layers.macs import add_macs
 
@@ -64,38 +70,27 @@ STRATEGIES = ("auto", "vmap", "grouped", "einsum", "shift")
 def expert_bank_init(kernel_shape_oihw: tuple[int, ...]) -> Callable:
   """Each expert gets PyTorch's default conv init (kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)))
   on its own ``[Cout, Cin/g, kh, kw]`` view, as timm's ``get_condconv_initializer`` does."""
-  fan_in = math.prod(kernel_shape_oihw[1:])
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
+  return fan_in_uniform(math.prod(kernel_shape_oihw[1:]))
 
 
-def torch_linear_bias_init(fan_in: int) -> Callable:
-  """``nn.Linear``'s default bias init, U(+-1/sqrt(fan_in))."""
-  bound = 1.0 / math.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
-
-def mix_kernels(coefficients: jax.Array, bank: jax.Array, kernel_shape_oihw) -> jax.Array:
+def mix_kernels(coefficients: jax.Array, bank: jax.Array, kernel_shape_oihw: tuple[int, ...]
+               ) -> jax.Array:
   """``[B, M] @ [M, P]`` -> per-sample HWIO kernels ``[B, kh, kw, Cin/g, Cout]``."""
   flat = coefficients @ bank.astype(coefficients.dtype)
   kernels = flat.reshape((coefficients.shape[0],) + tuple(kernel_shape_oihw))
   return kernels.transpose(0, 3, 4, 2, 1)
 
 
-def conv_per_sample_vmap(x, kernels, strides, padding, dilation, groups):
+def conv_per_sample_vmap(x: jax.Array, kernels: jax.Array, strides: tuple[int, int],
+                         padding: Sequence[tuple[int, int]], dilation: tuple[int, int],
+                         groups: int) -> jax.Array:
   """``y[b] = conv(x[b], kernels[b])`` written as a vmap over the batch."""
   return dynamic_conv2d(x, kernels, strides, padding, dilation, groups, impl="vmap")
 
 
-def conv_per_sample_grouped(x, kernels, strides, padding, dilation, groups):
+def conv_per_sample_grouped(x: jax.Array, kernels: jax.Array, strides: tuple[int, int],
+                            padding: Sequence[tuple[int, int]], dilation: tuple[int, int],
+                            groups: int) -> jax.Array:
   """The same as :func:`conv_per_sample_vmap` by one convolution with ``B * groups`` groups
   (channels laid out sample-major, ``b * Cin + c``)."""
   return dynamic_conv2d(x, kernels, strides, padding, dilation, groups, impl="grouped")
@@ -134,7 +129,7 @@ class DynamicConv(nn.Module):
   def _dense(features: int, fan_in: int, name: str) -> nn.Dense:
     # PyTorch nn.Linear init, so a freshly initialised model routes like the official one (r~0.5).
     return nn.Dense(features, kernel_init=torch_default_kernel_init,
-                    bias_init=torch_linear_bias_init(fan_in), name=name)
+                    bias_init=fan_in_uniform(fan_in), name=name)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -167,7 +162,8 @@ class DynamicConv(nn.Module):
     return y
 
 
-def static_param_count(features: int, in_channels: int, kernel_size, groups: int = 1) -> int:
+def static_param_count(features: int, in_channels: int, kernel_size: int | Sequence[int],
+                       groups: int = 1) -> int:
   """Parameters of the static conv a DynamicConv replaces (for the ``~M x`` claim)."""
   kh, kw = _pair(kernel_size)
   return features * (in_channels // groups) * kh * kw

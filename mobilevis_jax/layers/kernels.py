@@ -180,7 +180,7 @@ def recording() -> Iterator[list[KernelChoice]]:
     _RECORD.reset(token)
 
 
-def kernel_report(model: nn.Module, input_shape: Sequence[int], **apply_kwargs
+def kernel_report(model: nn.Module, input_shape: Sequence[int], **apply_kwargs: Any
                   ) -> list[KernelChoice]:
   """The kernel path of every dispatched layer of ``model`` for an input of ``input_shape``.
 
@@ -308,8 +308,10 @@ def _normalise_args(x, kernel, strides, padding, dilation):
   return strides, padding, dilation
 
 
-def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides=1, padding=((0, 0), (0, 0)),
-                     dilation=1, *, impl: str | None = None, precision=None) -> jax.Array:
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = 1,
+                     padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
+                     dilation: int | Sequence[int] = 1, *, impl: str | None = None,
+                     precision: Any = None) -> jax.Array:
   """Depthwise convolution of an NHWC map with an HWIO ``(kh, kw, 1, C*m)`` kernel.
 
   Equal to ``lax.conv_general_dilated(..., feature_group_count=C)`` (to float rounding) on every
@@ -326,9 +328,10 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides=1, padding=((0, 0)
   return _xla_conv(x, kernel, strides, padding, dilation, cin, precision)
 
 
-def grouped_conv2d(x: jax.Array, kernel: jax.Array, groups: int, strides=1,
-                   padding=((0, 0), (0, 0)), dilation=1, *, impl: str | None = None,
-                   precision=None) -> jax.Array:
+def grouped_conv2d(x: jax.Array, kernel: jax.Array, groups: int, strides: int | Sequence[int] = 1,
+                   padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
+                   dilation: int | Sequence[int] = 1, *, impl: str | None = None,
+                   precision: Any = None) -> jax.Array:
   """Grouped convolution (``1 < groups < C``) of an NHWC map, HWIO ``(kh, kw, C/G, Cout)`` kernel.
 
   ``impl`` is ``'xla'`` or ``'einsum'`` (im2col + batched GEMM over groups).
@@ -345,9 +348,13 @@ def grouped_conv2d(x: jax.Array, kernel: jax.Array, groups: int, strides=1,
   return _xla_conv(x, kernel, strides, padding, dilation, groups, precision)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count: int = 1, precision=None,
-                         preferred_element_type=None, *, impl: str | None = None) -> jax.Array:
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                         padding: str | Sequence[tuple[int, int]],
+                         lhs_dilation: Sequence[int] | None = None,
+                         rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
+                         feature_group_count: int = 1, precision: Any = None,
+                         preferred_element_type: Any = None, *, impl: str | None = None
+                        ) -> jax.Array:
   """Drop-in for ``lax.conv_general_dilated`` that routes depthwise and grouped 2-D NHWC
   convolutions through :func:`depthwise_conv2d` / :func:`grouped_conv2d`.
 
@@ -388,19 +395,19 @@ def _is_nhwc(dimension_numbers, ndim: int) -> bool:
 class _Dispatch:
   """``conv_general_dilated`` with a fixed per-layer ``impl`` (hashable, compares by impl)."""
 
-  def __init__(self, impl: str | None):
+  def __init__(self, impl: str | None) -> None:
     self.impl = impl
 
-  def __call__(self, *args, **kwargs):
+  def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
     return conv_general_dilated(*args, impl=self.impl, **kwargs)
 
-  def __eq__(self, other):
+  def __eq__(self, other: object) -> bool:
     return isinstance(other, _Dispatch) and other.impl == self.impl
 
-  def __hash__(self):
+  def __hash__(self) -> int:
     return hash(("kernels._Dispatch", self.impl))
 
-  def __repr__(self):
+  def __repr__(self) -> str:
     return f"kernels.conv_general_dilated(impl={self.impl!r})"
 
 
@@ -413,7 +420,7 @@ class Conv(nn.Conv):
   """
   impl: str | None = None
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if self.impl is not None and self.impl not in IMPLS["depthwise"] + IMPLS["grouped"]:
       raise ValueError(f"Conv impl must be one of {IMPLS['depthwise'] + IMPLS['grouped']}, "
                        f"got {self.impl!r}")
@@ -461,8 +468,10 @@ _DYNAMIC = {"vmap": _dynamic_vmap, "grouped": _dynamic_grouped, "einsum": _dynam
             "shift": _dynamic_shift}
 
 
-def dynamic_conv2d(x: jax.Array, kernels: jax.Array, strides=1, padding=((0, 0), (0, 0)),
-                   dilation=1, groups: int = 1, *, impl: str | None = None) -> jax.Array:
+def dynamic_conv2d(x: jax.Array, kernels: jax.Array, strides: int | Sequence[int] = 1,
+                   padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
+                   dilation: int | Sequence[int] = 1, groups: int = 1, *, impl: str | None = None
+                  ) -> jax.Array:
   """``y[b] = conv(x[b], kernels[b])``: per-sample HWIO kernels ``(B, kh, kw, Cin/G, Cout)``.
 
   1x1 kernels are the op ``'dynamic_1x1'``, larger ones ``'dynamic_kxk'``, each with the paths
@@ -483,8 +492,9 @@ def dynamic_conv2d(x: jax.Array, kernels: jax.Array, strides=1, padding=((0, 0),
   return _DYNAMIC[impl](x, kernels.astype(x.dtype), strides, padding, dilation, groups)
 
 
-def conv_reference(x: jax.Array, kernel: jax.Array, strides=1, padding=((0, 0), (0, 0)),
-                   dilation=1, groups: int = 1) -> jax.Array:
+def conv_reference(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = 1,
+                   padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
+                   dilation: int | Sequence[int] = 1, groups: int = 1) -> jax.Array:
   """XLA's convolution at HIGHEST precision: the reference the tests compare every path with."""
   return jax.lax.conv_general_dilated(
       x, kernel, _pairs(strides), padding, rhs_dilation=_pairs(dilation),

@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-_SYNC_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar("bn_sync_axis", default=None)
+_SYNC_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar("bn_sync_axis",
+                                                                       default=None)
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mobilevis_jax.layers import kernels
-from mobilevis_jax.layers.conv import torch_default_kernel_init
+from mobilevis_jax.layers.conv import fan_in_uniform, torch_default_kernel_init
 from mobilevis_jax.layers.macs import add_macs
 
 METHODS = ("auto", "direct", "conv", "fft")
@@ -98,7 +98,8 @@ def _align_corners_taps(size_in: int, size_out: int):
 
 
 def resample_1d(v: jax.Array, n: int, axis: int = 0) -> jax.Array:
-  """Resample ``v`` along ``axis`` to length ``n`` like ``F.interpolate(bilinear, align_corners=True)``.
+  """Resample ``v`` along ``axis`` to length ``n`` like ``F.interpolate(bilinear,
+  align_corners=True)``.
 
   Output sample ``i`` sits at input position ``i * (K - 1) / (n - 1)`` and is the linear blend of
   its two neighbours; ``n == 1`` takes sample 0 and ``n == K`` returns ``v`` unchanged.
@@ -248,16 +249,6 @@ def circular_conv_hw(x: jax.Array, kernel_h: jax.Array, kernel_w: jax.Array) -> 
 # ----------------------------------------------------------------------------------------------
 # Flax module
 # ----------------------------------------------------------------------------------------------
-def torch_conv_bias_init(fan_in: int) -> Callable:
-  """PyTorch's default Conv2d bias init, U(+-1/sqrt(fan_in))."""
-  bound = 1.0 / np.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
-
-
 class ParCConv(nn.Module):
   """One ParC-H or ParC-W convolution with a resolution-adaptive meta kernel.
 
@@ -297,7 +288,8 @@ class ParCConv(nn.Module):
   bias_init: Callable | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, operands_only: bool = False):
+  def __call__(self, x: jax.Array, operands_only: bool = False
+               ) -> jax.Array | tuple[jax.Array | None, jax.Array, jax.Array | None]:
     if self.axis not in ("H", "W"):
       raise ValueError(f"axis must be 'H' or 'W', got {self.axis!r}")
     if self.method not in METHODS:
@@ -321,7 +313,7 @@ class ParCConv(nn.Module):
     bias = None
     if self.use_bias:
       fan_in = k * (channels if self.dense else 1)
-      bias = self.param("bias", self.bias_init or torch_conv_bias_init(fan_in), (features,),
+      bias = self.param("bias", self.bias_init or fan_in_uniform(fan_in), (features,),
                         jnp.float32)
 
     n = x.shape[ax]

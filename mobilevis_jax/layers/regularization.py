@@ -30,5 +30,6 @@ class LayerScale(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.initializers.constant(self.init_value), (x.shape[-1],), jnp.float32)
+    scale = self.param("scale", nn.initializers.constant(self.init_value), (x.shape[-1],),
+                       jnp.float32)
     return x * scale.astype(x.dtype)

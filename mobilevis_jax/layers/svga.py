@@ -4,7 +4,8 @@ SVGA replaces Vision GNN's per-block KNN graph by a fixed graph: every pixel is 
 pixels K, 2K, 3K, ... rows above it and columns to its left, with wrap-around. Aggregation is the
 max-relative rule of MRConv, so on an NHWC map it is nothing but rolls, subtractions and maxima:
 
-    x_j = max(0, max_{s = K, 2K, .. < H} x - roll(x, s, H), max_{s = K, 2K, .. < W} x - roll(x, s, W))
+    x_j = max(0, max_{s = K, 2K, .. < H} x - roll(x, s, H),
+                 max_{s = K, 2K, .. < W} x - roll(x, s, W))
 
 which is what the official ``MRConv4d`` computes (it starts from zeros, so the centre acts as a
 self-loop; the roll goes in one direction only and the difference is centre minus neighbour). The
@@ -87,7 +88,8 @@ class Grapher(nn.Module):
   """``x + DropPath(fc2(graph_conv(fc1(x))))`` with fc1: C->C conv-BN, fc2: 2C->C conv-BN.
 
   ``graph_conv`` builds the graph convolution (default SVGA); any module mapping C -> 2C channels
-  with the ``(x, train)`` signature can be swapped in, e.g. :class:`~mobilevis_jax.layers.knn_graph.KnnGraphConv`.
+  with the ``(x, train)`` signature can be swapped in, e.g.
+  :class:`~mobilevis_jax.layers.knn_graph.KnnGraphConv`.
   """
   drop_path: float = 0.0
   graph_conv: Callable[..., nn.Module] = MRConv4d

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,6 +30,7 @@ from mobilevis_jax.layers import BatchNorm, Conv2d, ConvBN, DropPath, LayerScale
 from mobilevis_jax.layers.knn_graph import KnnGraphConv
 from mobilevis_jax.layers.macs import add_macs
 from mobilevis_jax.layers.svga import FFN, Grapher, MRConv4d, conv_init
+from mobilevis_jax.models.base import Classifier, HeadOutput
 from mobilevis_jax.models.registry import register_model, register_profile_hook
 
 
@@ -137,7 +139,7 @@ class SVGABlock(nn.Module):
     return x
 
 
-class MobileViG(nn.Module):
+class MobileViG(Classifier):
   """MobileViG classifier / backbone. Input NHWC float32; see the module docstring."""
   config: MobileViGConfig
   num_classes: int = 1000
@@ -149,7 +151,7 @@ class MobileViG(nn.Module):
   features_only: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False) -> HeadOutput | list[jax.Array]:
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"MobileViG expects NHWC images with 3 channels, got shape {x.shape}")
     cfg = self.config
@@ -178,34 +180,15 @@ class MobileViG(nn.Module):
       self._report_profiler_params(x.shape[0])
       return features
 
+    out = self._head(x, train)
+    self._report_profiler_params(x.shape[0])  # after the head, whose parameters it counts
+    return out
+
+  def _head(self, x: jax.Array, train: bool, pre_logits: bool = False) -> HeadOutput:
     # Pool first, then the 1x1 conv: on a 1x1 map that conv is a Dense layer.
-    x = jnp.mean(x, axis=(1, 2))
-    x = Dense1x1(cfg.emb_dims, name="prediction_conv")(x)
-    x = gelu(BatchNorm(name="prediction_bn")(x, train))
-    _report_gelu(x.shape)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    logits = Dense1x1(self.num_classes, name="head")(x)
-    if not self.distillation:
-      self._report_profiler_params(x.shape[0])
-      return logits
-    dist_logits = Dense1x1(self.num_classes, name="dist_head")(x)
-    self._report_profiler_params(x.shape[0])
-    if train:
-      return logits, dist_logits
-    return (logits + dist_logits) / 2
-
-  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """The map before pooling: the last ``features_only`` output (stride 32)."""
-    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
-
-  @nn.compact
-  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
-    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
-    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
-    if self.features_only:
-      raise ValueError("a features_only model has no head")
     x = Dense1x1(self.config.emb_dims, name="prediction_conv")(jnp.mean(x, axis=(1, 2)))
     x = gelu(BatchNorm(name="prediction_bn")(x, train))
+    _report_gelu(x.shape)
     if pre_logits:
       return x
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -239,25 +222,25 @@ def _create(variant: str, num_classes: int = 1000, **kwargs) -> MobileViG:
 
 
 @register_model()
-def mobilevig_ti(num_classes: int = 1000, **kwargs) -> MobileViG:
+def mobilevig_ti(num_classes: int = 1000, **kwargs: Any) -> MobileViG:
   """MobileViG-Ti: 5.27M params (two heads), 0.7 GMACs (official profiler), 75.7% top-1."""
   return _create("mobilevig_ti", num_classes, **kwargs)
 
 
 @register_model()
-def mobilevig_s(num_classes: int = 1000, **kwargs) -> MobileViG:
+def mobilevig_s(num_classes: int = 1000, **kwargs: Any) -> MobileViG:
   """MobileViG-S: 7.28M params (two heads), 1.0 GMACs (official profiler), 78.2% top-1."""
   return _create("mobilevig_s", num_classes, **kwargs)
 
 
 @register_model()
-def mobilevig_m(num_classes: int = 1000, **kwargs) -> MobileViG:
+def mobilevig_m(num_classes: int = 1000, **kwargs: Any) -> MobileViG:
   """MobileViG-M: 14.08M params (two heads), 1.5 GMACs (official profiler), 80.6% top-1."""
   return _create("mobilevig_m", num_classes, **kwargs)
 
 
 @register_model()
-def mobilevig_b(num_classes: int = 1000, **kwargs) -> MobileViG:
+def mobilevig_b(num_classes: int = 1000, **kwargs: Any) -> MobileViG:
   """MobileViG-B: 26.87M params (two heads), 2.8 GMACs (official profiler), 82.6% top-1."""
   return _create("mobilevig_b", num_classes, **kwargs)
 

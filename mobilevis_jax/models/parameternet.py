@@ -59,6 +59,7 @@ from mobilevis_jax.layers import (
   torch_default_bias_init,
 )
 from mobilevis_jax.layers.dynamic_conv import DynamicConv
+from mobilevis_jax.models.base import Classifier
 from mobilevis_jax.models.registry import register_model
 
 # Rows are (kernel, expansion width, output width, SE ratio, stride); each inner tuple is one of
@@ -158,7 +159,7 @@ class GhostBottleneck(nn.Module):
     return shortcut + DropPath(self.drop_path_rate)(y, train)
 
 
-class GhostNet(nn.Module):
+class GhostNet(Classifier):
   """GhostNet / ParameterNet classifier (NHWC input, ImageNet normalisation).
 
   Submodule names follow the PyTorch keys: ``conv_stem``, ``bn1``, ``blocks_<i>_<j>`` (torch
@@ -181,7 +182,7 @@ class GhostNet(nn.Module):
     return dict(num_experts=self.num_experts, routing=self.routing, strategy=self.strategy)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
     if self.act not in ACTIVATIONS:
       raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {self.act!r}")
     if x.ndim != 4 or x.shape[-1] != 3:
@@ -210,31 +211,15 @@ class GhostNet(nn.Module):
     if self.features_only:
       return [features[i] for i in FEATURE_GROUPS]
 
-    last = make_divisible(self.table[-1][-1][1] * self.width, 4)
-    x = ConvBN(last, 1, act=act, conv=_dynamic_conv(self.dynamic, self.dynamic_kwargs),
-               name=f"blocks_{n}_0")(x, train)
-    x = jnp.mean(x, axis=(1, 2), keepdims=True)
-    # conv_head and the classifier keep PyTorch's default init, biases included (no init pass).
-    x = act(Conv2d(1280, 1, use_bias=True, bias_init=torch_default_bias_init, name="conv_head")(x))
-    x = x.reshape(x.shape[0], -1)
-    x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-    return Linear(self.num_classes, name="classifier")(x)
+    return self._head(x, train)
 
-  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """The map before pooling: the last ``features_only`` output (stride 32)."""
-    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
-
-  @nn.compact
-  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
-    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
-    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
-    if self.features_only:
-      raise ValueError("a features_only model has no head")
+  def _head(self, x: jax.Array, train: bool, pre_logits: bool = False) -> jax.Array:
     act = ACTIVATIONS[self.act]
     last = make_divisible(self.table[-1][-1][1] * self.width, 4)
     x = ConvBN(last, 1, act=act, conv=_dynamic_conv(self.dynamic, self.dynamic_kwargs),
                name=f"blocks_{len(self.table)}_0")(x, train)
     x = jnp.mean(x, axis=(1, 2), keepdims=True)
+    # conv_head and the classifier keep PyTorch's default init, biases included (no init pass).
     x = act(Conv2d(1280, 1, use_bias=True, bias_init=torch_default_bias_init, name="conv_head")(x))
     x = x.reshape(x.shape[0], -1)
     if pre_logits:
@@ -250,19 +235,19 @@ def _ghostnet_v1(width: float, **kw) -> GhostNet:
 
 
 @register_model(layouts=("timm",))
-def ghostnet_050(num_classes: int = 1000, **kw) -> GhostNet:
+def ghostnet_050(num_classes: int = 1000, **kw: Any) -> GhostNet:
   """GhostNet 0.5x (timm ``ghostnet_050``)."""
   return _ghostnet_v1(0.5, num_classes=num_classes, **kw)
 
 
 @register_model(layouts=("timm",))
-def ghostnet_100(num_classes: int = 1000, **kw) -> GhostNet:
+def ghostnet_100(num_classes: int = 1000, **kw: Any) -> GhostNet:
   """GhostNet 1.0x (timm ``ghostnet_100``; paper 5.2M params, 141M FLOPs, 73.9% top-1)."""
   return _ghostnet_v1(1.0, num_classes=num_classes, **kw)
 
 
 @register_model(layouts=("timm",))
-def ghostnet_130(num_classes: int = 1000, **kw) -> GhostNet:
+def ghostnet_130(num_classes: int = 1000, **kw: Any) -> GhostNet:
   """GhostNet 1.3x (timm ``ghostnet_130``; paper 7.3M params, 226M FLOPs, 75.7% top-1)."""
   return _ghostnet_v1(1.3, num_classes=num_classes, **kw)
 
@@ -273,7 +258,7 @@ def _parameternet_table(width: float, dynamic: bool, num_experts: int = 4, **kw)
 
 
 @register_model(layouts=("official",))
-def parameternet_600m(num_classes: int = 1000, num_experts: int = 4, **kw) -> GhostNet:
+def parameternet_600m(num_classes: int = 1000, num_experts: int = 4, **kw: Any) -> GhostNet:
   """ParameterNet-600M exactly as the official ``parameternet_600m``: the ParameterNet table at
   width 1.9, Hardswish, 88 dynamic convs with 4 experts (34,504,504 params, ~598M MACs;
   paper: 0.6G FLOPs, 81.6% top-1 with ImageNet-22K pretraining)."""
@@ -281,7 +266,7 @@ def parameternet_600m(num_classes: int = 1000, num_experts: int = 4, **kw) -> Gh
 
 
 @register_model(layouts=("timm",))
-def ghostnet_600m(num_classes: int = 1000, **kw) -> GhostNet:
+def ghostnet_600m(num_classes: int = 1000, **kw: Any) -> GhostNet:
   """GhostNet-600M: ``parameternet_600m`` with static convs (19,822,198 params, ~570M MACs;
   paper: 78.6% top-1 on ImageNet-1K, 78.3% with 22K pretraining)."""
   return _parameternet_table(1.9, False, num_classes=num_classes, **kw)
@@ -297,7 +282,7 @@ def _ghostnet_300m_table(dynamic: bool, num_experts: int = 4, **kw) -> GhostNet:
 
 
 @register_model(layouts=("official",))
-def parameternet_300m(num_classes: int = 1000, num_experts: int = 4, **kw) -> GhostNet:
+def parameternet_300m(num_classes: int = 1000, num_experts: int = 4, **kw: Any) -> GhostNet:
   """ParameterNet-300M, derived: the official code releases only the 600M configuration.
 
   What the paper gives: ParameterNet-300M is its GhostNet-300M (~290M FLOPs in its figure) with
@@ -325,7 +310,7 @@ def parameternet_300m(num_classes: int = 1000, num_experts: int = 4, **kw) -> Gh
 
 
 @register_model(layouts=("timm",))
-def ghostnet_300m(num_classes: int = 1000, **kw) -> GhostNet:
+def ghostnet_300m(num_classes: int = 1000, **kw: Any) -> GhostNet:
   """GhostNet-300M: the static-conv twin of :func:`parameternet_300m` (8,633,106 params, ~283M
   MACs; paper: ~290M FLOPs, 76.3% top-1 on ImageNet-1K, 75.7% with 22K pretraining)."""
   return _ghostnet_300m_table(False, num_classes=num_classes, **kw)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -55,6 +56,7 @@ from mobilevis_jax.layers import (
   trunc_normal_init,
 )
 from mobilevis_jax.layers.parc import ParCConv
+from mobilevis_jax.models.base import Classifier
 from mobilevis_jax.models.registry import register_model
 
 # torch's kaiming_normal_(mode='fan_out') with a ReLU gain, as the official ResNet/MobileNetV2
@@ -135,7 +137,7 @@ class ConvNeXtBlock(nn.Module):
     return shortcut + DropPath(self.drop_path, name="drop_path")(x, train)
 
 
-class ParCConvNeXt(nn.Module):
+class ParCConvNeXt(Classifier):
   """ConvNeXt whose blocks ``j >= parc_start[i]`` of stage ``i`` use a ParC pair of length K_i."""
   depths: Sequence[int] = (3, 3, 9, 3)
   dims: Sequence[int] = (48, 96, 192, 384)
@@ -150,7 +152,7 @@ class ParCConvNeXt(nn.Module):
   parc_method: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
     _check_input(x, 32, type(self).__name__)
     dense_init = dict(kernel_init=trunc_normal_init(0.02), bias_init=nn.initializers.zeros)
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
@@ -170,20 +172,9 @@ class ParCConvNeXt(nn.Module):
       features.append(x)
     if self.features_only:
       return features
-    x = _layer_norm("norm")(jnp.mean(x, axis=(1, 2)))
-    scaled = trunc_normal_init(0.02 * self.head_init_scale)
-    return nn.Dense(self.num_classes, kernel_init=scaled, name="head")(x)
+    return self._head(x, train)
 
-  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """The map before pooling: the last ``features_only`` output (stride 32)."""
-    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
-
-  @nn.compact
-  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
-    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
-    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
-    if self.features_only:
-      raise ValueError("a features_only model has no head")
+  def _head(self, x: jax.Array, train: bool, pre_logits: bool = False) -> jax.Array:
     x = _layer_norm("norm")(jnp.mean(x, axis=(1, 2)))
     if pre_logits:
       return x
@@ -224,7 +215,7 @@ class Bottleneck(nn.Module):
     return relu(out + x)
 
 
-class ParCResNet(nn.Module):
+class ParCResNet(Classifier):
   """ResNet50 whose bottlenecks ``j >= parc_start[i]`` of layer ``i + 1`` use a dense ParC pair."""
   layers: Sequence[int] = (3, 4, 6, 3)
   parc_start: Sequence[int] = (3, 4, 3, 2)
@@ -235,7 +226,7 @@ class ParCResNet(nn.Module):
   parc_method: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
     _check_input(x, 32, type(self).__name__)
     x = Conv2d(64, 7, 2, padding=3, use_bias=False, kernel_init=_kaiming_fan_out, name="conv1")(x)
     x = relu(BatchNorm(name="bn1")(x, train))
@@ -252,20 +243,11 @@ class ParCResNet(nn.Module):
       features.append(x)
     if self.features_only:
       return features
-    # torchvision's init pass skips nn.Linear: fc keeps PyTorch's default, bias included.
-    return Linear(self.num_classes, name="fc")(jnp.mean(x, axis=(1, 2)))
+    return self._head(x, train)
 
-  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """The map before pooling: the last ``features_only`` output (stride 32)."""
-    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
-
-  @nn.compact
-  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
-    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
-    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
-    if self.features_only:
-      raise ValueError("a features_only model has no head")
+  def _head(self, x: jax.Array, train: bool, pre_logits: bool = False) -> jax.Array:
     x = jnp.mean(x, axis=(1, 2))
+    # torchvision's init pass skips nn.Linear: fc keeps PyTorch's default, bias included.
     return x if pre_logits else Linear(self.num_classes, name="fc")(x)
 
 
@@ -339,7 +321,7 @@ class ParCInvertedResidual(nn.Module):
     return x + out if cin == self.features else out
 
 
-class ParCMobileNetV2(nn.Module):
+class ParCMobileNetV2(Classifier):
   """MobileNetV2 (width 1.0) with ParC inverted residuals where ``MOBILENETV2_STAGES`` says."""
   stages: Sequence[MobileNetV2Stage] = MOBILENETV2_STAGES
   num_classes: int = 1000
@@ -350,7 +332,7 @@ class ParCMobileNetV2(nn.Module):
   parc_method: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
     _check_input(x, 32, type(self).__name__)
     x = relu6(ConvBN(32, 3, 2, kernel_init=_kaiming_fan_out, name="features_0")(x, train))
     idx, features = 1, []
@@ -369,22 +351,9 @@ class ParCMobileNetV2(nn.Module):
         idx += 1
     if self.features_only:
       return features
-    x = relu6(ConvBN(self.last_channels, 1, kernel_init=_kaiming_fan_out,
-                     name=f"features_{idx}")(x, train))
-    x = nn.Dropout(self.dropout, deterministic=not train)(jnp.mean(x, axis=(1, 2)))
-    return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
-                    name="classifier")(x)
+    return self._head(x, train)
 
-  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """The map before pooling: the last ``features_only`` output (stride 32)."""
-    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
-
-  @nn.compact
-  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
-    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
-    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
-    if self.features_only:
-      raise ValueError("a features_only model has no head")
+  def _head(self, x: jax.Array, train: bool, pre_logits: bool = False) -> jax.Array:
     idx = 1 + sum(st.blocks for st in self.stages)
     x = relu6(ConvBN(self.last_channels, 1, kernel_init=_kaiming_fan_out,
                      name=f"features_{idx}")(x, train))
@@ -400,18 +369,18 @@ class ParCMobileNetV2(nn.Module):
 # Registered variants
 # ==============================================================================================
 @register_model(default_resolution=224)
-def parc_convnext_xt(num_classes: int = 1000, **kw) -> ParCConvNeXt:
+def parc_convnext_xt(num_classes: int = 1000, **kw: Any) -> ParCConvNeXt:
   """ParC-ConvNeXt-XT: dims 48/96/192/384, depths 3/3/9/3 (7.41M params, 1.14 GMACs)."""
   return ParCConvNeXt(num_classes=num_classes, **kw)
 
 
 @register_model(default_resolution=224)
-def parc_resnet50(num_classes: int = 1000, **kw) -> ParCResNet:
+def parc_resnet50(num_classes: int = 1000, **kw: Any) -> ParCResNet:
   """ParC-ResNet50 with dense ParC (23.74M params, 3.94 GMACs)."""
   return ParCResNet(num_classes=num_classes, **kw)
 
 
 @register_model(default_resolution=224)
-def parc_mobilenetv2(num_classes: int = 1000, **kw) -> ParCMobileNetV2:
+def parc_mobilenetv2(num_classes: int = 1000, **kw: Any) -> ParCMobileNetV2:
   """ParC-MobileNetV2 (official ``parc_mv2``; 3.53M params, 0.30 GMACs)."""
   return ParCMobileNetV2(num_classes=num_classes, **kw)

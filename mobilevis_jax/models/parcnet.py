@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -48,6 +49,7 @@ from mobilevis_jax.layers import (
   trunc_normal_init,
 )
 from mobilevis_jax.layers.parc import ParCConv, parc_hw_fused, resample_1d
+from mobilevis_jax.models.base import Classifier
 from mobilevis_jax.models.registry import register_model, register_profile_hook
 
 # cvnets initialises every conv with kaiming_normal(mode='fan_out') (untruncated) and zero bias.
@@ -102,7 +104,7 @@ class ConvBNAct(nn.Module):
   act: bool = True
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     return ConvBN(self.features, self.kernel_size, self.strides, groups=self.groups,
                   act=silu if self.act else None, kernel_init=conv_init, name="conv_bn")(x, train)
 
@@ -114,7 +116,7 @@ class InvertedResidual(nn.Module):
   expand_ratio: float = 4
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     hidden = make_divisible(int(round(x.shape[-1] * self.expand_ratio)))
     y = ConvBNAct(hidden, 1, name="exp_1x1")(x, train)
     y = ConvBNAct(hidden, 3, self.strides, groups=hidden, name="conv_3x3")(y, train)
@@ -127,7 +129,7 @@ class ChannelAttention(nn.Module):
   reduction: int = 16
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     c = x.shape[-1]
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
     s = ConvBN(c // self.reduction, 1, kernel_init=conv_init, name="reduce")(s, train)
@@ -148,7 +150,7 @@ class ParCBlock(nn.Module):
   parc_method: str = "auto"
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.parc_method not in PARC_METHODS:
       raise ValueError(f"parc_method must be one of {PARC_METHODS}, got {self.parc_method!r}")
     if x.shape[-1] % 2:
@@ -194,7 +196,7 @@ class OuterFrame(nn.Module):
   parc_method: str = "auto"
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     c, cs = self.stage.channels, self.stage.parc_channels
     if x.shape[-1] != c:
       raise ValueError(f"outer frame expects {c} channels, got {x.shape[-1]}")
@@ -216,7 +218,7 @@ class OuterFrame(nn.Module):
     return ConvBNAct(c, 3, name="local_global_fusion")(fused_in, train)
 
 
-class ParCNet(nn.Module):
+class ParCNet(Classifier):
   """ParC-Net classifier (or, with ``features_only``, a 4-level feature pyramid).
 
   ``features_only=True`` returns the outputs of layer_2..layer_5 (strides 4, 8, 16, 32) and
@@ -230,7 +232,7 @@ class ParCNet(nn.Module):
   parc_method: str = "auto"
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"ParCNet expects NHWC images with 3 channels, got shape {x.shape}")
     cfg = self.config
@@ -248,21 +250,9 @@ class ParCNet(nn.Module):
       feats.append(x)
     if self.features_only:
       return feats
-    x = ConvBNAct(min(4 * x.shape[-1], 960), 1, name="conv_1x1_exp")(x, train)
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dropout(self.drop_rate)(x, deterministic=not train)
-    return nn.Dense(self.num_classes, kernel_init=trunc_normal_init(0.02), name="classifier")(x)
+    return self._head(x, train)
 
-  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """The map before pooling: the last ``features_only`` output (stride 32)."""
-    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
-
-  @nn.compact
-  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
-    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
-    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
-    if self.features_only:
-      raise ValueError("a features_only model has no head")
+  def _head(self, x: jax.Array, train: bool, pre_logits: bool = False) -> jax.Array:
     x = ConvBNAct(min(4 * x.shape[-1], 960), 1, name="conv_1x1_exp")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     if pre_logits:
@@ -276,19 +266,19 @@ def _create(name: str, num_classes: int, **kw) -> ParCNet:
 
 
 @register_model(default_resolution=256, input_convention="parc_bgr")
-def parcnet_xs(num_classes: int = 1000, **kw) -> ParCNet:
+def parcnet_xs(num_classes: int = 1000, **kw: Any) -> ParCNet:
   """ParC-Net-XS: 2.19M params ('add' fusion; no official weights were released)."""
   return _create("parcnet_xs", num_classes, **kw)
 
 
 @register_model(default_resolution=256, input_convention="parc_bgr")
-def parcnet_s(num_classes: int = 1000, **kw) -> ParCNet:
+def parcnet_s(num_classes: int = 1000, **kw: Any) -> ParCNet:
   """ParC-Net-S: 5.04M params, 1740.6M MACs at 256 (repo profiler), 78.6% ImageNet top-1."""
   return _create("parcnet_s", num_classes, **kw)
 
 
 @register_model(default_resolution=256, input_convention="parc_bgr")
-def parcnet_h(num_classes: int = 1000, **kw) -> ParCNet:
+def parcnet_h(num_classes: int = 1000, **kw: Any) -> ParCNet:
   """ParC-Net-H: 20.4M params (the wide variant of the official configs)."""
   return _create("parcnet_h", num_classes, **kw)
 

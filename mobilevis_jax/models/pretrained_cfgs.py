@@ -16,25 +16,29 @@ from mobilevis_jax.models.registry import _PRETRAINED_CFGS, PretrainedCfg, list_
 _REPVIT = dict(crop_pct=0.875, interpolation="bicubic", distillation=True,
                timm_differences=(("crop_pct", 0.95),),
                source="repvit.md: official eval Resize 256 bicubic -> CenterCrop 224 (crop 0.875), "
-                      "timm cfg crop_pct 0.95; top-1 300 epochs distilled; latency iPhone 12, Core ML")
+                      "timm cfg crop_pct 0.95; top-1 300 epochs distilled; latency iPhone 12, "
+                      "Core ML")
 _IPHONE12 = "iPhone 12, Core ML, batch 1 @224"
 _MOBILEVIG = dict(crop_pct=224 / 248, interpolation="bicubic", distillation=True,
-                  source="mobilevig.md: official eval Resize 248 bicubic -> CenterCrop 224; latency "
-                         "iPhone 13 Mini NPU (Ti/B confirmed by the abstract, S/M from the paper table)")
+                  source="mobilevig.md: official eval Resize 248 bicubic -> CenterCrop 224; "
+                         "latency iPhone 13 Mini NPU (Ti/B confirmed by the abstract, S/M from the "
+                         "paper table)")
 _IPHONE13 = "iPhone 13 Mini NPU, Core ML"
 _GHOSTNET_TIMM = dict(crop_pct=0.875, interpolation="bicubic",
                       source="timm ghostnet _cfg (crop 0.875, bicubic); top-1 from parameternet.md "
                              "(GhostNet paper x1.0 73.9, x1.3 75.7)")
 _PARAMETERNET = dict(crop_pct=0.875, interpolation="bilinear",
-                     source="parameternet.md: eval cfg in the official code (224, crop 0.875, bilinear, "
-                            "ImageNet mean/std); no weights released; top-1 from the repo figure")
+                     source="parameternet.md: eval cfg in the official code (224, crop 0.875, "
+                            "bilinear, ImageNet mean/std); no weights released; top-1 from the "
+                            "repo figure")
 _PARCNET = dict(input_size=(3, 256, 256), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
                 crop_pct=256 / 288, interpolation="bilinear", input_convention="parc_bgr",
                 source="parc.md: cv2 BGR /255 without mean/std; validation resize 288 -> centre "
                        "crop 256 (bilinear, cvnets default); only ParC-Net-S has published numbers")
 _PARC_CONVNETS = dict(crop_pct=0.875, interpolation="bicubic",
-                      source="parc.md gives no eval transform for the ParC-ConvNets; they are trained "
-                             "with the ConvNeXt code (README: 'ConvNeXt recipe'), whose eval is "
+                      source="parc.md gives no eval transform for the ParC-ConvNets; they are "
+                             "trained with the ConvNeXt code (README: 'ConvNeXt recipe'), whose "
+                             "eval is "
                              "Resize 256 bicubic -> CenterCrop 224; latency: README, CPU")
 
 _TABLE: dict[str, PretrainedCfg] = _PRETRAINED_CFGS  # the registry's table, filled here
@@ -47,7 +51,8 @@ def _add(name: str, top1: float | None = None, latency_ms=None, **kw) -> None:
 for _name, _top1, _ms in (("repvit_m0_6", 74.1, 0.6), ("repvit_m0_9", 78.7, 0.9),
                           ("repvit_m1_0", 80.0, 1.0), ("repvit_m1_1", 80.7, 1.1),
                           ("repvit_m1_5", 82.3, 1.5), ("repvit_m2_3", 83.3, 2.3),
-                          ("repvit_m1", 78.5, 0.9), ("repvit_m2", 80.6, 1.1), ("repvit_m3", 81.4, 1.3)):
+                          ("repvit_m1", 78.5, 0.9), ("repvit_m2", 80.6, 1.1),
+                          ("repvit_m3", 81.4, 1.3)):
   _add(_name, _top1, (_ms, _IPHONE12), **_REPVIT)
 for _name, _top1, _ms in (("mobilevig_ti", 75.7, 0.78), ("mobilevig_s", 78.2, 0.82),
                           ("mobilevig_m", 80.6, 1.02), ("mobilevig_b", 82.6, 2.30)):

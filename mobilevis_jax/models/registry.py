@@ -45,7 +45,8 @@ class PretrainedCfg:
 
   Attributes:
     input_size: (3, H, W) of the evaluation crop.
-    mean, std: per-channel normalisation, in the channel order the model sees (``input_convention``).
+    mean, std: per-channel normalisation, in the channel order the model sees
+    (``input_convention``).
     crop_pct: eval resize to ``floor(H / crop_pct)`` on the shorter side, then centre crop H.
     interpolation: eval resize kernel, ``'bicubic'`` or ``'bilinear'``.
     input_convention: ``'imagenet'`` (RGB, /255, then mean/std) or ``'parc_bgr'`` (ParC-Net's cv2
@@ -87,12 +88,14 @@ _PROFILE_HOOKS: dict[str, Callable] = {}
 
 
 def family_of(module_name: str) -> str:
-  """The family a module belongs to: its stem (``'mobilevis_jax.interop.repvit'`` -> ``'repvit'``)."""
+  """The family a module belongs to: its stem (``'mobilevis_jax.interop.repvit'`` ->
+  ``'repvit'``)."""
   return module_name.rsplit(".", 1)[-1]
 
 
-def register_model(default_resolution: int = 224, layouts=("official",),
-                   input_convention: str = "imagenet", name: str | None = None):
+def register_model(default_resolution: int = 224, layouts: Sequence[str] = ("official",),
+                   input_convention: str = "imagenet",
+                   name: str | None = None) -> Callable[[Callable], Callable]:
   """Decorator registering ``factory(num_classes=1000, **kw) -> nn.Module``.
 
   The model is registered under ``name``, or the factory's ``__name__`` when not given (so that
@@ -224,7 +227,7 @@ def list_models(pattern: str = "*") -> list[str]:
   return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
 
 
-def register_fuse(model_class: type):
+def register_fuse(model_class: type) -> Callable[[Callable], Callable]:
   """Decorator registering ``fn(model, variables) -> (fused_model, fused_variables)``."""
 
   def wrap(fn):
@@ -235,9 +238,9 @@ def register_fuse(model_class: type):
 
 
 def register_profile_hook(fn: Callable) -> Callable:
-  """Decorator for ``fn(model_name, counts, params, *, resolution) -> dict`` of the family of ``fn``'s
-  module; :func:`mobilevis_jax.profile` merges the returned dict into its result (official-profiler
-  conventions next to the true counts)."""
+  """Decorator for ``fn(model_name, counts, params, *, resolution) -> dict`` of the family of
+  ``fn``'s module; :func:`mobilevis_jax.profile` merges the returned dict into its result
+  (official-profiler conventions next to the true counts)."""
   _PROFILE_HOOKS[family_of(fn.__module__)] = fn
   return fn
 
@@ -246,12 +249,13 @@ def profile_hook(family: str | None) -> Callable | None:
   return _PROFILE_HOOKS.get(family) if family else None
 
 
-def can_fuse(name_or_model) -> bool:
+def can_fuse(name_or_model: str | nn.Module) -> bool:
   model = create_model(name_or_model) if isinstance(name_or_model, str) else name_or_model
   return type(model) in _FUSERS
 
 
-def fuse(name_or_model, variables, **model_kwargs):
+def fuse(name_or_model: str | nn.Module, variables: dict,
+         **model_kwargs: Any) -> tuple[nn.Module, dict]:
   """Structural re-parameterisation: ``fused_model, fused_variables = fuse(name, variables)``.
 
   ``name_or_model`` is a registered name (built with ``model_kwargs``, which must match how the
@@ -270,7 +274,7 @@ def fuse(name_or_model, variables, **model_kwargs):
   return fuser(model, variables)
 
 
-def abstract_variables(model: nn.Module, resolution: int, batch: int = 1):
+def abstract_variables(model: nn.Module, resolution: int, batch: int = 1) -> dict:
   """Shapes of ``model.init`` at ``resolution`` without allocating or computing anything."""
   x = jax.ShapeDtypeStruct((batch, resolution, resolution, 3), jnp.float32)
   return jax.eval_shape(lambda rng, x: model.init(rng, x, train=False), jax.random.PRNGKey(0), x)

@@ -37,14 +37,15 @@ head.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mobilevis_jax.layers import Conv2d, ConvBN, DropPath, relu
+from mobilevis_jax.layers import Conv2d, ConvBN, DropPath, fan_out_normal_init, relu
+from mobilevis_jax.models.base import Classifier
 from mobilevis_jax.models.registry import register_model
 
 # (width, depth) per stage and the group width, as timm's ``RegNet._get_stage_args`` derives them
@@ -58,21 +59,6 @@ STAGES: dict[str, tuple[tuple[tuple[int, int], ...], int]] = {
     # w0=200, wa=106.23, wm=2.48, depth=18, group_size=112
     "regnety_160": (((224, 2), (448, 4), (1232, 11), (3024, 1)), 112),
 }
-
-
-def fan_out_normal(groups: int = 1) -> Callable:
-  """timm regnet's conv init: N(0, 2 / fan_out) with ``fan_out = kh * kw * out_channels // groups``.
-
-  Not ``nn.initializers.variance_scaling(2, 'fan_out', 'normal')``: that one ignores ``groups``,
-  which matters for the grouped 3x3 convs (std sqrt(groups) times too small).
-  """
-
-  def init(key, shape, dtype=jnp.float32):
-    kh, kw, _, out = shape
-    std = math.sqrt(2.0 / (kh * kw * out // groups))
-    return std * jax.random.normal(key, shape, dtype)
-
-  return init
 
 
 # timm ``_init_weights``: nn.Linear weights N(0, 0.01), biases zero.
@@ -91,8 +77,8 @@ class SqueezeExcite(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = relu(Conv2d(self.rd_channels, 1, kernel_init=fan_out_normal(), name="fc1")(s))
-    s = Conv2d(x.shape[-1], 1, kernel_init=fan_out_normal(), name="fc2")(s)
+    s = relu(Conv2d(self.rd_channels, 1, kernel_init=fan_out_normal_init(), name="fc1")(s))
+    s = Conv2d(x.shape[-1], 1, kernel_init=fan_out_normal_init(), name="fc2")(s)
     return x * jax.nn.sigmoid(s)
 
 
@@ -110,20 +96,21 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     width = self.features
     if width % self.group_size:
-      raise ValueError(f"block width {width} is not a multiple of the group width {self.group_size}")
+      raise ValueError(f"block width {width} is not a multiple of the group width "
+                       f"{self.group_size}")
     groups = width // self.group_size
-    y = relu(ConvBN(width, 1, kernel_init=fan_out_normal(), name="conv1")(x, train))
-    y = relu(ConvBN(width, 3, self.strides, groups=groups, kernel_init=fan_out_normal(groups),
+    y = relu(ConvBN(width, 1, kernel_init=fan_out_normal_init(), name="conv1")(x, train))
+    y = relu(ConvBN(width, 3, self.strides, groups=groups, kernel_init=fan_out_normal_init(groups),
                     name="conv2")(y, train))
     if self.se_channels:
       y = SqueezeExcite(self.se_channels, name="se")(y)
     # timm zero-initialises the last BN's weight (``zero_init_last``): every block starts as its
     # shortcut.
     last_scale = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
-    y = ConvBN(self.features, 1, kernel_init=fan_out_normal(), bn_scale_init=last_scale,
+    y = ConvBN(self.features, 1, kernel_init=fan_out_normal_init(), bn_scale_init=last_scale,
                name="conv3")(y, train)
     if x.shape[-1] != self.features or self.strides != 1:
-      shortcut = ConvBN(self.features, 1, self.strides, kernel_init=fan_out_normal(),
+      shortcut = ConvBN(self.features, 1, self.strides, kernel_init=fan_out_normal_init(),
                         name="downsample")(x, train)
     else:
       shortcut = x
@@ -161,7 +148,7 @@ def drop_path_rates(depths: Sequence[int], rate: float) -> list[tuple[float, ...
   return out
 
 
-class RegNet(nn.Module):
+class RegNet(Classifier):
   """RegNetY classifier (NHWC input, ImageNet normalisation).
 
   Submodule names follow the timm keys: ``stem`` (``stem.conv``/``stem.bn``), ``s1 .. s4`` with
@@ -178,12 +165,14 @@ class RegNet(nn.Module):
   features_only: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"expected NHWC images with 3 channels, got shape {x.shape}")
     if not self.features_only and self.num_classes < 1:
-      raise ValueError(f"num_classes must be >= 1 (or use features_only=True), got {self.num_classes}")
-    x = relu(ConvBN(self.stem_width, 3, 2, kernel_init=fan_out_normal(), name="stem")(x, train))
+      raise ValueError("num_classes must be >= 1 (or use features_only=True), got "
+                       f"{self.num_classes}")
+    x = ConvBN(self.stem_width, 3, 2, kernel_init=fan_out_normal_init(), name="stem")(x, train)
+    x = relu(x)
 
     rates = drop_path_rates([d for _, d in self.stages], self.drop_path_rate)
     features = []
@@ -193,8 +182,12 @@ class RegNet(nn.Module):
       features.append(x)
     if self.features_only:
       return features
+    return self._head(x, train)
 
+  def _head(self, x: jax.Array, train: bool, pre_logits: bool = False) -> jax.Array:
     x = jnp.mean(x, axis=(1, 2))
+    if pre_logits:
+      return x
     x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, kernel_init=linear_init, bias_init=nn.initializers.zeros,
                     name="head")(x)
@@ -208,19 +201,20 @@ def _regnety(name: str, **kw) -> RegNet:
 
 
 @register_model(layouts=("timm",))
-def regnety_002(num_classes: int = 1000, **kw) -> RegNet:
-  """RegNetY-200MF (timm ``regnety_002``; 3,162,996 params): small enough for tests and smoke runs."""
+def regnety_002(num_classes: int = 1000, **kw: Any) -> RegNet:
+  """RegNetY-200MF (timm ``regnety_002``; 3,162,996 params): small enough for tests and smoke
+  runs."""
   return _regnety("regnety_002", num_classes=num_classes, **kw)
 
 
 @register_model(layouts=("timm",))
-def regnety_004(num_classes: int = 1000, **kw) -> RegNet:
+def regnety_004(num_classes: int = 1000, **kw: Any) -> RegNet:
   """RegNetY-400MF (timm ``regnety_004``; 4,344,144 params)."""
   return _regnety("regnety_004", num_classes=num_classes, **kw)
 
 
 @register_model(layouts=("timm",))
-def regnety_160(num_classes: int = 1000, **kw) -> RegNet:
+def regnety_160(num_classes: int = 1000, **kw: Any) -> RegNet:
   """RegNetY-16GF (timm ``regnety_160``; 83,590,140 params, 15.91 GMACs at 224): the teacher of the
   RepViT and MobileViG recipes, with DeiT's weights (timm ``regnety_160.deit_in1k``)."""
   return _regnety("regnety_160", num_classes=num_classes, **kw)

@@ -47,6 +47,7 @@ from mobilevis_jax.layers import (
   torch_default_bias_init,
   trunc_normal_init,
 )
+from mobilevis_jax.models.base import Classifier, HeadOutput
 from mobilevis_jax.models.registry import register_fuse, register_model
 
 
@@ -76,7 +77,8 @@ def se_channels(channels: int) -> int:
 
 
 def _conv_norm(features: int, kernel_size: int = 1, strides: int = 1, groups: int = 1,
-               zero_init: bool = False, *, fused: bool, name: str) -> Callable[[jax.Array, bool], Any]:
+               zero_init: bool = False, *, fused: bool,
+               name: str) -> Callable[[jax.Array, bool], Any]:
   """A Conv-BN (``layers.ConvBN``), or after fusion a single conv with bias; call ``(x, train)``.
 
   ``zero_init`` starts the BN gamma at 0, which the official code does for the last Conv-BN of
@@ -137,7 +139,8 @@ class RepViTBlock(nn.Module):
 
 
 class RepViTDownsample(nn.Module):
-  """Pre-block (no SE), depthwise 3x3 stride-2 Conv-BN, 1x1 Conv-BN to ``features``, residual FFN."""
+  """Pre-block (no SE), depthwise 3x3 stride-2 Conv-BN, 1x1 Conv-BN to ``features``, residual
+  FFN."""
   features: int
   legacy: bool = False
   fused: bool = False
@@ -181,7 +184,7 @@ class BNLinear(nn.Module):
     return nn.Dense(self.features, kernel_init=trunc_normal_init(0.02), name="linear")(x)
 
 
-class RepViT(nn.Module):
+class RepViT(Classifier):
   """RepViT classifier (NHWC input). See the module docstring for the structure.
 
   Attributes:
@@ -201,7 +204,7 @@ class RepViT(nn.Module):
   fused = False  # class constant: FusedRepViT flips it
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False):
+  def __call__(self, x: jax.Array, train: bool = False) -> HeadOutput | list[jax.Array]:
     if len(self.widths) != len(self.depths):
       raise ValueError(f"widths {self.widths} and depths {self.depths} differ in length")
     if x.ndim != 4 or x.shape[-1] != 3:
@@ -216,30 +219,18 @@ class RepViT(nn.Module):
       features.append(x)
     if self.features_only:
       return features
-    x = jnp.mean(x, axis=(1, 2))
-    if self.num_classes == 0:
-      return x
     return self._head(x, train)
 
-  def _head(self, x: jax.Array, train: bool):
+  def _head(self, x: jax.Array, train: bool, pre_logits: bool = False) -> HeadOutput:
+    x = jnp.mean(x, axis=(1, 2))
+    return x if pre_logits or self.num_classes == 0 else self._classifier(x, train)
+
+  def _classifier(self, x: jax.Array, train: bool) -> HeadOutput:
     logits = BNLinear(self.num_classes, name="head")(x, train)
     if not self.distillation:
       return logits
     dist = BNLinear(self.num_classes, name="head_dist")(x, train)
     return (logits, dist) if train else (logits + dist) / 2
-
-  def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """The map before pooling: the last ``features_only`` output (stride 32)."""
-    return self.clone(parent=self.scope, features_only=True)(x, train)[-1]
-
-  @nn.compact
-  def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False):
-    """Classify a :meth:`forward_features` map as ``__call__`` does; ``pre_logits`` stops before
-    the classifier. (Same submodule names as ``__call__``, so the same variables.)"""
-    if self.features_only:
-      raise ValueError("a features_only model has no head")
-    x = jnp.mean(x, axis=(1, 2))
-    return x if pre_logits or self.num_classes == 0 else self._head(x, train)
 
 
 class FusedRepViT(RepViT):
@@ -251,7 +242,7 @@ class FusedRepViT(RepViT):
   """
   fused = True
 
-  def _head(self, x: jax.Array, train: bool):
+  def _classifier(self, x: jax.Array, train: bool) -> jax.Array:
     return nn.Dense(self.num_classes, name="head")(x)
 
 
@@ -367,15 +358,17 @@ def _fuse_tree(p: dict, s: dict, legacy: bool) -> dict:
 
 
 @register_fuse(RepViT)
-def fuse_repvit(model: RepViT, variables) -> tuple[FusedRepViT, dict]:
-  """``fused_model, fused_variables = fuse_repvit(model, variables)`` (official replace_batchnorm)."""
+def fuse_repvit(model: RepViT, variables: dict) -> tuple[FusedRepViT, dict]:
+  """``fused_model, fused_variables = fuse_repvit(model, variables)`` (official
+  replace_batchnorm)."""
   params, stats = variables["params"], variables.get("batch_stats", {})
   backbone = {k: v for k, v in params.items() if k not in ("head", "head_dist")}
   fused = _fuse_tree(backbone, stats, model.legacy)
   if "head" in params:
     def linear(name):
-      return reparam.fuse_bn_linear(params[name]["bn"], stats[name]["bn"],
-                                    params[name]["linear"]["kernel"], params[name]["linear"]["bias"])
+      lin = params[name]["linear"]
+      return reparam.fuse_bn_linear(params[name]["bn"], stats[name]["bn"], lin["kernel"],
+                                    lin["bias"])
     kernel, bias = linear("head")
     if model.distillation:
       kernel, bias = reparam.average_heads(kernel, bias, *linear("head_dist"))

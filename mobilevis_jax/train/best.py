@@ -39,7 +39,7 @@ def best_dir(workdir: str) -> str:
 class BestTracker:
   """Saves the variables of the best raw / EMA evaluation (and the k best EMA ones)."""
 
-  def __init__(self, workdir: str, *, keep_best_ema: int = 0, meta: dict | None = None):
+  def __init__(self, workdir: str, *, keep_best_ema: int = 0, meta: dict | None = None) -> None:
     self.directory = best_dir(workdir)
     self.keep_best_ema = int(keep_best_ema)
     self.meta = dict(meta or {})
@@ -62,7 +62,8 @@ class BestTracker:
     `*_variables` are host trees ({'params', 'batch_stats'?}); ema_variables None without EMA.
     """
     out = {}
-    for kind, key, variables in (('raw', 'eval/top1', raw_variables), ('ema', 'eval_ema/top1', ema_variables)):
+    for kind, key, variables in (('raw', 'eval/top1', raw_variables),
+                                 ('ema', 'eval_ema/top1', ema_variables)):
       if key not in results or variables is None:
         continue
       top1 = float(results[key])
@@ -79,7 +80,8 @@ class BestTracker:
   def _update_top(self, step: int, top1: float, variables: Any) -> None:
     top = [e for e in self.record['ema_top'] if e['step'] != step]
     # Ties keep the earlier evaluation, as a strict '>' on the k-th best does.
-    ranked = sorted(top + [{'step': int(step), 'top1': top1}], key=lambda e: (-e['top1'], e['step']))
+    ranked = sorted(top + [{'step': int(step), 'top1': top1}],
+                    key=lambda e: (-e['top1'], e['step']))
     keep, drop = ranked[:self.keep_best_ema], ranked[self.keep_best_ema:]
     if any(e['step'] == step for e in keep):
       self._save(os.path.join('ema_top', str(step)), variables, step, top1)
@@ -122,7 +124,8 @@ def average_variables(trees: Sequence[Any]) -> Any:
     shapes = {np.shape(x) for x in xs}
     if len(shapes) != 1:
       raise ValueError(f'the checkpoints to average disagree in shape: {sorted(shapes)}')
-    return (np.sum([np.asarray(x, np.float64) for x in xs], 0) / len(xs)).astype(np.asarray(xs[0]).dtype)
+    mean = np.sum([np.asarray(x, np.float64) for x in xs], 0) / len(xs)
+    return mean.astype(np.asarray(xs[0]).dtype)
 
   return jax.tree.map(mean, *trees)
 
@@ -146,15 +149,18 @@ def average_checkpoints(paths: Sequence[str], out: str) -> dict:
 
 def average_main(argv: list[str] | None = None) -> int:
   """`mobilevis average (--checkpoints DIR ... | --workdir DIR --k K) --out DIR`."""
-  import argparse  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
+  import argparse
+  import sys
   parser = argparse.ArgumentParser(
       prog='mobilevis average',
-      description='average variables checkpoints (e.g. the k best EMA ones of a run, as ParC-Net reports)')
+      description='average variables checkpoints (e.g. the k best EMA ones of a run, as ParC-Net '
+                  'reports)')
   src = parser.add_mutually_exclusive_group(required=True)
   src.add_argument('--checkpoints', nargs='+', help='variables checkpoints or work directories')
-  src.add_argument('--workdir', help='a training work directory: average its k best EMA evaluations')
-  parser.add_argument('--k', type=int, default=5, help='with --workdir: how many best EMA checkpoints')
+  src.add_argument('--workdir',
+                   help='a training work directory: average its k best EMA evaluations')
+  parser.add_argument('--k', type=int, default=5,
+                      help='with --workdir: how many best EMA checkpoints')
   parser.add_argument('--out', required=True, help='output variables checkpoint directory')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   try:

@@ -44,7 +44,7 @@ def checkpoint_dir(workdir: str) -> str:
 class TrainCheckpointer:
   """A CheckpointManager over `<workdir>/checkpoints` that restores the newest readable step."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, use_async: bool = True):
+  def __init__(self, workdir: str, *, keep: int = 3, use_async: bool = True) -> None:
     self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async,
                                            create=True)
@@ -96,7 +96,7 @@ class Preemption:
   around the loop, it installs the SIGTERM handler and restores the previous one on exit.
   """
 
-  def __init__(self, checkpointer: TrainCheckpointer):
+  def __init__(self, checkpointer: TrainCheckpointer) -> None:
     self._checkpointer = checkpointer
     self.requested = False
     self._previous = None

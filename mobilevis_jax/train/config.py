@@ -33,7 +33,7 @@ FREE_SECTIONS = ('model_kwargs', 'distillation.teacher_model_kwargs')
 def _data_config() -> ml_collections.ConfigDict:
   # The data section belongs to the data pipeline (mobilevis_jax.data.config); the trainer only
   # embeds it.
-  from mobilevis_jax.data.config import default_data_config  # pylint: disable=import-outside-toplevel
+  from mobilevis_jax.data.config import default_data_config
   return default_data_config()
 
 
@@ -43,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- model ---------------------------------------------------------------------------------
   c.model = 'repvit_m0_6'            # any name from mobilevis_jax.list_models()
-  c.model_kwargs = ml_collections.ConfigDict()  # extra create_model kwargs (distillation, drop_path_rate, ...)
+  # extra create_model kwargs (distillation, drop_path_rate, ...)
+  c.model_kwargs = ml_collections.ConfigDict()
   c.num_classes = -1                 # -1: take it from the dataset (dataset_info)
 
   # --- data (owned by mobilevis_jax.data.config; see its docstrings) -------------------------
@@ -125,8 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.auto = False
 
   # --- initialisation from another checkpoint ------------------------------------------------
-  c.init_from = ''                   # directory written by checkpoint.save_variables (e.g. `mobilevis import`)
-  c.init_exclude = ()                # regexes over '/'-joined paths kept at their fresh init (new head)
+  # init_from: a directory written by checkpoint.save_variables (e.g. `mobilevis import`);
+  # init_exclude: regexes over '/'-joined paths kept at their fresh init (a new head).
+  c.init_from = ''
+  c.init_exclude = ()
 
   # --- evaluation ----------------------------------------------------------------------------
   c.eval_every_epochs = 1.0          # <= 0: only at the end
@@ -262,7 +265,8 @@ def _free_value(text: str) -> Any:
     return text
 
 
-def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+def apply_overrides(cfg: ml_collections.ConfigDict,
+                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
   """Applies 'a.b=value' strings in order; unknown keys raise ValueError naming the key.
 
   Keys directly under a free section (`model_kwargs.drop_path_rate=0.1`) may be new; their value

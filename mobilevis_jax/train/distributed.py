@@ -8,6 +8,7 @@ and assembled from each process's own slice with `jax.make_array_from_process_lo
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -30,7 +31,8 @@ def initialize_distributed(dist_cfg: ml_collections.ConfigDict) -> bool:
   """
   address = dist_cfg.coordinator_address or os.environ.get(_ENV_PREFIX + 'COORDINATOR_ADDRESS', '')
   num = dist_cfg.num_processes or int(os.environ.get(_ENV_PREFIX + 'NUM_PROCESSES', '0'))
-  pid = dist_cfg.process_id if dist_cfg.process_id >= 0 else int(os.environ.get(_ENV_PREFIX + 'PROCESS_ID', '-1'))
+  pid = (dist_cfg.process_id if dist_cfg.process_id >= 0
+         else int(os.environ.get(_ENV_PREFIX + 'PROCESS_ID', '-1')))
   if address:
     if num <= 0 or pid < 0:
       raise ValueError('a coordinator address needs num_processes > 0 and process_id >= 0 '
@@ -46,7 +48,7 @@ def initialize_distributed(dist_cfg: ml_collections.ConfigDict) -> bool:
   return False
 
 
-def make_data_mesh(devices=None) -> Mesh:
+def make_data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh over `devices` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else list(devices)
   return Mesh(np.asarray(devices), (DATA_AXIS,))

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import ml_collections
+
 from mobilevis_jax.models.registry import model_info
 
 log = logging.getLogger(__name__)
 
 
-def eval_data_overrides(name: str, data_cfg) -> dict[str, Any]:
+def eval_data_overrides(name: str, data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """The eval-transform fields of ``data_cfg`` that ``name``'s pretrained_cfg sets.
 
   A field the recipe left at the data default (``data.config.default_data_config``) takes the
@@ -38,7 +40,8 @@ def eval_data_overrides(name: str, data_cfg) -> dict[str, Any]:
   return {k: v for k, v in values.items() if data_cfg[k] == defaults[k] and data_cfg[k] != v}
 
 
-def eval_data_config(name: str, data_cfg):
+def eval_data_config(name: str, data_cfg: ml_collections.ConfigDict
+                     ) -> ml_collections.ConfigDict:
   """A copy of ``data_cfg`` whose eval transform follows ``name``'s pretrained_cfg where the
   recipe does not override it (see :func:`eval_data_overrides`)."""
   overrides = eval_data_overrides(name, data_cfg)

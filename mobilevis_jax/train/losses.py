@@ -3,11 +3,15 @@ mixup targets), DeiT hard distillation, and masked top-k counts for the padded e
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def smoothed_one_hot(labels, num_classes: int, smoothing: float, xp=jnp):
+def smoothed_one_hot(labels: jax.Array | np.ndarray, num_classes: int, smoothing: float,
+                     xp: types.ModuleType = jnp) -> jax.Array | np.ndarray:
   """timm's label smoothing: off-class value smoothing/K, true class 1 - smoothing + smoothing/K.
 
   ``xp`` is ``jax.numpy`` (inside the step) or ``numpy`` (host-side mixup); float32 either way.
@@ -30,7 +34,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1))
 
 
-def hard_distillation_loss(logits, dist_logits, targets, teacher_logits, alpha: float) -> jax.Array:
+def hard_distillation_loss(logits: jax.Array, dist_logits: jax.Array, targets: jax.Array,
+                           teacher_logits: jax.Array, alpha: float) -> jax.Array:
   """DeiT 'hard': (1-alpha) * SoftCE(head, targets) + alpha * CE(dist_head, argmax teacher)."""
   base = soft_target_cross_entropy(logits, targets)
   teacher_labels = jnp.argmax(teacher_logits, axis=-1)

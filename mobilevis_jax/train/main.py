@@ -41,7 +41,8 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
 def _parse(argv, prog: str, checkpoint: bool):
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n\n')[0])
   parser.add_argument('--config', default=None,
-                      help='packaged recipe name or config file, optionally :ARG (default: the digits recipe)')
+                      help='packaged recipe name or config file, optionally :ARG (default: the '
+                           'digits recipe)')
   if checkpoint:
     parser.add_argument('--checkpoint', required=True,
                         help='variables checkpoint (mobilevis import) or training work directory')

@@ -1,4 +1,5 @@
-"""Run logs: TensorBoard event files and a JSON-lines file in the work directory, plus a progress bar.
+"""Run logs: TensorBoard event files and a JSON-lines file in the work directory, plus a progress
+bar.
 
 Only process 0 writes; the others get no-op writers. `tf.summary` is used for the event files
 because tensorflow-cpu is already a dependency (of the input pipeline); it is imported lazily so a
@@ -18,7 +19,7 @@ import jax
 class MetricWriter:
   """Writes scalars to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/` (process 0 only)."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True) -> None:
     self.enabled = jax.process_index() == 0
     self._tb = None
     self._jsonl = None
@@ -27,9 +28,9 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
     if tensorboard:
-      import tensorflow as tf  # pylint: disable=import-outside-toplevel
+      import tensorflow as tf
       tf.config.set_visible_devices([], 'GPU')  # TF must not take accelerator memory from JAX
-      from tensorflow.core.framework import summary_pb2  # pylint: disable=import-outside-toplevel
+      from tensorflow.core.framework import summary_pb2
       self._tf = tf
       # tf.summary.scalar lives in the separate `tensorboard` package; the generic tf.summary.write
       # with the 'scalars' plugin tag writes the identical event record without it.
@@ -59,14 +60,15 @@ class MetricWriter:
 class ProgressBar:
   """tqdm bar (process 0) showing step rate, ETA, images/s and the last logged loss."""
 
-  def __init__(self, *, total: int, initial: int, batch_size: int, enabled: bool = True):
+  def __init__(self, *, total: int, initial: int, batch_size: int, enabled: bool = True) -> None:
     self.batch_size = batch_size
     self._bar = None
     self._last_time = time.time()
     self._last_step = initial
     if enabled and jax.process_index() == 0:
-      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-      self._bar = tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True, mininterval=1.0)
+      from tqdm import tqdm
+      self._bar = tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
+                       mininterval=1.0)
 
   def update(self, step: int, loss: float | None = None) -> float:
     """Advances to `step`; returns images/s since the previous call."""

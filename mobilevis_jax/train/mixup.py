@@ -49,9 +49,9 @@ def _box(h, w, lam, cy, cx, xp):
   return y0, y1, x0, x1
 
 
-def mixup_cutmix(rng, images, labels, *, num_classes: int, mixup_alpha: float = 0.8,
-                 cutmix_alpha: float = 1.0, switch_prob: float = 0.5,
-                 label_smoothing: float = 0.1):
+def mixup_cutmix(rng: jax.Array, images: jax.Array, labels: jax.Array, *, num_classes: int,
+                 mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, switch_prob: float = 0.5,
+                 label_smoothing: float = 0.1) -> tuple[jax.Array, jax.Array]:
   """Returns ``(mixed_images, soft_targets [B, num_classes] float32)``; pure jax.numpy."""
   _check(images, num_classes, mixup_alpha, cutmix_alpha, switch_prob, label_smoothing)
   targets = smoothed_one_hot(labels, num_classes, label_smoothing)
@@ -86,7 +86,8 @@ def mixup_cutmix(rng, images, labels, *, num_classes: int, mixup_alpha: float = 
 
 def mixup_cutmix_np(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, *,
                     num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
-                    switch_prob: float = 0.5, label_smoothing: float = 0.1):
+                    switch_prob: float = 0.5, label_smoothing: float = 0.1
+                    ) -> tuple[np.ndarray, np.ndarray]:
   """Host (numpy) version of :func:`mixup_cutmix`, same semantics; does not modify its inputs."""
   _check(images, num_classes, mixup_alpha, cutmix_alpha, switch_prob, label_smoothing)
   targets = smoothed_one_hot(labels, num_classes, label_smoothing, xp=np)

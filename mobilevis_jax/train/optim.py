@@ -66,7 +66,8 @@ def _epoch_of_step(step: jax.Array, epoch_starts: np.ndarray) -> jax.Array:
 
 def learning_rate_schedule(opt_cfg: ml_collections.ConfigDict, *, global_batch_size: int,
                            steps_per_epoch: int, total_steps: int,
-                           epoch_starts: Sequence[int] | None = None) -> Callable[[jax.Array], jax.Array]:
+                           epoch_starts: Sequence[int] | None = None
+                           ) -> Callable[[jax.Array], jax.Array]:
   """The lr of every step, `schedule(step)` (step = updates done so far, as optax counts).
 
   Epoch-stepped schedules take their values from a float64 table computed with the official
@@ -88,7 +89,8 @@ def learning_rate_schedule(opt_cfg: ml_collections.ConfigDict, *, global_batch_s
   if unit not in ('epoch', 'step'):
     raise ValueError(f"optimizer.schedule_unit must be 'epoch' or 'step', got {unit!r}")
   warmup_lr, min_lr = float(opt_cfg.warmup_lr), float(opt_cfg.min_lr)
-  warmup_iters = int(opt_cfg.warmup_steps) if opt_cfg.warmup_steps and opt_cfg.warmup_steps > 0 else 0
+  warmup_iters = (int(opt_cfg.warmup_steps) if opt_cfg.warmup_steps and opt_cfg.warmup_steps > 0
+                  else 0)
 
   if kind == 'cvnets_cosine':
     if warmup_iters <= 0:
@@ -141,7 +143,7 @@ def learning_rate_schedule(opt_cfg: ml_collections.ConfigDict, *, global_batch_s
   return per_step
 
 
-def path_string(path) -> str:
+def path_string(path: tuple) -> str:
   """'/'-joined names of a tree path, e.g. 'features_1/token_mixer/conv/kernel'."""
   parts = []
   for p in path:
@@ -156,7 +158,7 @@ def path_string(path) -> str:
   return '/'.join(parts)
 
 
-def weight_decay_mask(params: Any, rule: str, force_patterns=()) -> Any:
+def weight_decay_mask(params: Any, rule: str, force_patterns: Sequence[str] = ()) -> Any:
   """Boolean tree: True where weight decay applies.
 
   rule 'timm': False for parameters with ndim <= 1 (biases, BN scale/shift, vector layer scales),
@@ -178,7 +180,7 @@ def weight_decay_mask(params: Any, rule: str, force_patterns=()) -> Any:
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def agc_unit_axes(path, leaf) -> tuple[int, ...] | None:
+def agc_unit_axes(path: tuple, leaf: jax.Array) -> tuple[int, ...] | None:
   """The axes over which timm's `unitwise_norm` reduces this leaf, in our (Flax) layout.
 
   timm reduces a PyTorch tensor with ndim > 1 over every dim but dim 0 (the output unit), and
@@ -246,8 +248,9 @@ def layer_decay_multipliers(params: Any, decay: float, groups: Sequence[str]) ->
         try:
           keys[name] = (i,) + tuple(int(x) for x in m.groups() if x is not None)
         except ValueError:
-          raise ValueError(f'optimizer.layer_decay_groups regex {groups[i]!r} captured a non-integer '
-                           f'in {name!r}: capture only layer numbers (use (?:...) otherwise)') from None
+          raise ValueError(f'optimizer.layer_decay_groups regex {groups[i]!r} captured a '
+                           f'non-integer in {name!r}: capture only layer numbers (use (?:...) '
+                           'otherwise)') from None
         break
   layer_of, layer = {}, -1
   for o in sorted(set(keys.values())):
@@ -255,7 +258,8 @@ def layer_decay_multipliers(params: Any, decay: float, groups: Sequence[str]) ->
       layer += 1
     layer_of[o] = layer
   # As timm's group_with_matcher: unmatched leaves (the classifier) form one more, last group.
-  unmatched = any(path_string(p) not in keys for p, _ in jax.tree_util.tree_leaves_with_path(params))
+  unmatched = any(path_string(p) not in keys
+                  for p, _ in jax.tree_util.tree_leaves_with_path(params))
   last = layer + (1 if unmatched else 0)
 
   def mult(path, leaf):
@@ -275,7 +279,8 @@ def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(opt_cfg: ml_collections.ConfigDict, schedule, params: Any) -> optax.GradientTransformation:
+def make_optimizer(opt_cfg: ml_collections.ConfigDict, schedule: Callable,
+                   params: Any) -> optax.GradientTransformation:
   """AdamW with the recipe's clipping in front and layer-wise lr decay behind.
 
   The weight decay is torch.optim.AdamW's (decoupled, multiplied by the current lr), masked per

@@ -97,7 +97,8 @@ def _cast_floats(tree: Any, dtype) -> Any:
 # Per-device training step
 # ================================================================================================
 
-def make_targets(rng: jax.Array, images: jax.Array, labels: jax.Array, opts: StepOptions):
+def make_targets(rng: jax.Array, images: jax.Array, labels: jax.Array,
+                 opts: StepOptions) -> tuple[jax.Array, jax.Array]:
   """(possibly mixed images, soft targets): mixup/cutmix when configured, else smoothed one-hot."""
   if opts.mixup_alpha > 0 or opts.cutmix_alpha > 0:
     return mixup.mixup_cutmix(rng, images, labels, num_classes=opts.num_classes,
@@ -150,7 +151,7 @@ def _micro_batch_grads(params, batch_stats, images, labels, rng, teacher_variabl
 def per_device_train_step(state: TrainState, batch: dict, teacher_variables: Any, *,
                           model: nn.Module,
                           tx: optax.GradientTransformation, schedule: Callable, opts: StepOptions,
-                          teacher_model: nn.Module | None = None):
+                          teacher_model: nn.Module | None = None) -> tuple[TrainState, dict]:
   """One optimiser step as seen by one device (call inside shard_map / pmap over `data`)."""
   images, labels = batch['image'], batch['label']
   device_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
@@ -203,7 +204,9 @@ def per_device_train_step(state: TrainState, batch: dict, teacher_variables: Any
   return new_state, metrics
 
 
-def make_train_step(mesh, *, model, tx, schedule, opts: StepOptions, teacher_model=None):
+def make_train_step(mesh: jax.sharding.Mesh, *, model: nn.Module,
+                    tx: optax.GradientTransformation, schedule: Callable, opts: StepOptions,
+                    teacher_model: nn.Module | None = None) -> Callable:
   """The jitted data-parallel step: (state, global batch, teacher variables) -> (state, metrics)."""
   fn = functools.partial(per_device_train_step, model=model, tx=tx, schedule=schedule, opts=opts,
                          teacher_model=teacher_model)
@@ -216,7 +219,8 @@ def make_train_step(mesh, *, model, tx, schedule, opts: StepOptions, teacher_mod
 # Evaluation
 # ================================================================================================
 
-def per_device_eval_step(variables, batch, *, model, half_precision: bool = False):
+def per_device_eval_step(variables: dict, batch: dict, *, model: nn.Module,
+                         half_precision: bool = False) -> dict[str, jax.Array]:
   """Masked sums (loss, top-1, top-5, count) over one device's slice, summed over devices."""
   dtype = jnp.bfloat16 if half_precision else jnp.float32
   logits = model.apply(_cast_floats(variables, dtype), batch['image'].astype(dtype), train=False)
@@ -229,7 +233,8 @@ def per_device_eval_step(variables, batch, *, model, half_precision: bool = Fals
   return lax.psum(sums, DATA_AXIS)
 
 
-def make_eval_step(mesh, *, model, half_precision: bool = False):
+def make_eval_step(mesh: jax.sharding.Mesh, *, model: nn.Module,
+                   half_precision: bool = False) -> Callable:
   fn = functools.partial(per_device_eval_step, model=model, half_precision=half_precision)
   return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(),
                                check_vma=False))

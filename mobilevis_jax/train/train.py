@@ -15,7 +15,8 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+import types
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 import mobilevis_jax
 from mobilevis_jax.train import best as best_lib
@@ -53,7 +55,8 @@ class ConfigError(ValueError):
   """A run that cannot work as configured, found before the first step; says what to change."""
 
 
-def evaluate(eval_step, variables, batches: Iterator[dict], mesh) -> dict[str, float]:
+def evaluate(eval_step: Callable, variables: dict, batches: Iterator[dict], mesh: Mesh
+            ) -> dict[str, float]:
   """top1/top5 (fractions) and mean loss over every real example of the padded eval set."""
   totals = None
   for local in batches:
@@ -73,7 +76,7 @@ def evaluate(eval_step, variables, batches: Iterator[dict], mesh) -> dict[str, f
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int) -> dict:
   # One home for model initialisation: a one-shot compile (see models.registry.init_variables).
-  from mobilevis_jax.models.registry import init_variables as one_shot_init  # pylint: disable=import-outside-toplevel
+  from mobilevis_jax.models.registry import init_variables as one_shot_init
   return one_shot_init(model, rng, image_size)
 
 
@@ -102,7 +105,8 @@ def _check_finite(step: int, metrics: dict, last_good: int | None, ckpt_dir: str
   loss, gnorm = metrics['loss'], metrics['grad_norm']
   if math.isfinite(loss) and math.isfinite(gnorm):
     return
-  what = f'loss ({loss})' if not math.isfinite(loss) else f'gradient norm ({gnorm}; loss {loss:.4g})'
+  what = (f'loss ({loss})' if not math.isfinite(loss)
+          else f'gradient norm ({gnorm}; loss {loss:.4g})')
   where = (f'the last good checkpoint is step {last_good} in {ckpt_dir}' if last_good is not None
            else 'no checkpoint was written before it')
   raise NonFiniteLossError(
@@ -118,8 +122,8 @@ def _variables(params, batch_stats):
   return out
 
 
-def evaluate_all(cfg: ml_collections.ConfigDict, *, mesh, model: nn.Module, source,
-                 variables: dict, ema_variables: dict | None = None,
+def evaluate_all(cfg: ml_collections.ConfigDict, *, mesh: Mesh, model: nn.Module,
+                 source: types.ModuleType, variables: dict, ema_variables: dict | None = None,
                  eval_steps: dict | None = None) -> dict[str, float]:
   """The one evaluation of raw, EMA and fused weights on cfg's eval split.
 
@@ -144,7 +148,8 @@ def evaluate_all(cfg: ml_collections.ConfigDict, *, mesh, model: nn.Module, sour
   return results
 
 
-def run_evaluations(cfg, *, mesh, model, state: TrainState, eval_step, source,
+def run_evaluations(cfg: ml_collections.ConfigDict, *, mesh: Mesh, model: nn.Module,
+                    state: TrainState, eval_step: Callable, source: types.ModuleType,
                     eval_cache: dict) -> dict[str, float]:
   """`evaluate_all` of the training state: raw weights, EMA weights (if kept and cfg.eval_ema)."""
   eval_cache.setdefault('model', eval_step)
@@ -167,8 +172,8 @@ def check_batch_layout(cfg: ml_collections.ConfigDict, n_devices: int) -> None:
           + ' (or run on fewer devices)')
 
 
-def epoch_layout(cfg: ml_collections.ConfigDict, source, info: dict, global_batch_size: int,
-                 n_devices: int) -> tuple[int, int, np.ndarray | None]:
+def epoch_layout(cfg: ml_collections.ConfigDict, source: types.ModuleType, info: dict,
+                 global_batch_size: int, n_devices: int) -> tuple[int, int, np.ndarray | None]:
   """(steps per epoch, total steps, epoch starts or None) of the run, as its sampler defines them.
 
   The sampler owns what an epoch is (`data.train_schedule`): one pass of global batches for the
@@ -184,7 +189,8 @@ def epoch_layout(cfg: ml_collections.ConfigDict, source, info: dict, global_batc
   else:
     sched = source.train_schedule(cfg.data, num_examples=num_examples,
                                   global_batch_size=global_batch_size, num_devices=n_devices,
-                                  seed=int(cfg.seed), num_epochs=max(int(math.ceil(cfg.num_epochs)), 1))
+                                  seed=int(cfg.seed),
+                                  num_epochs=max(int(math.ceil(cfg.num_epochs)), 1))
     if sched.sampler == 'variable_batch':
       starts = sched.epoch_starts
       steps_per_epoch = max(int(round(float(np.mean(sched.epoch_steps)))), 1)
@@ -217,7 +223,8 @@ def _flat(tree) -> dict[str, Any]:
           for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def load_teacher(cfg: ml_collections.ConfigDict, num_classes: int, image_size: int):
+def load_teacher(cfg: ml_collections.ConfigDict, num_classes: int, image_size: int
+                 ) -> tuple[nn.Module, dict]:
   """(teacher model, host variables) for hard distillation, checked against the teacher model.
 
   The checkpoint must hold the model `distillation.teacher_model` names (when set), with every
@@ -232,24 +239,28 @@ def load_teacher(cfg: ml_collections.ConfigDict, num_classes: int, image_size: i
   if dcfg.teacher_model and saved and saved != dcfg.teacher_model:
     raise ConfigError(f'distillation.teacher_checkpoint {dcfg.teacher_checkpoint} holds {saved!r}, '
                      f'but distillation.teacher_model={dcfg.teacher_model!r}: point the checkpoint '
-                     f'at a {dcfg.teacher_model} import, or set --config.distillation.teacher_model={saved}')
+                     f'at a {dcfg.teacher_model} import, or set '
+                     f'--config.distillation.teacher_model={saved}')
   name = dcfg.teacher_model or saved
   if not name:
-    raise ConfigError('set distillation.teacher_model (the teacher checkpoint does not name its model)')
+    raise ConfigError('set distillation.teacher_model (the teacher checkpoint does not name its '
+                      'model)')
   kwargs = dict(meta.get('model_kwargs', {}))
   kwargs.update(dcfg.teacher_model_kwargs.to_dict())
   kwargs.setdefault('num_classes', num_classes)
   if int(kwargs['num_classes']) != int(num_classes):
-    raise ConfigError(f'the teacher {name} in {dcfg.teacher_checkpoint} predicts {kwargs["num_classes"]} '
-                      f'classes and the student {num_classes}: distil from a teacher of the same label '
-                      'set (or set num_classes / distillation.teacher_model_kwargs.num_classes)')
+    raise ConfigError(f'the teacher {name} in {dcfg.teacher_checkpoint} predicts '
+                      f'{kwargs["num_classes"]} classes and the student {num_classes}: distil from '
+                      'a teacher of the same label set (or set num_classes / '
+                      'distillation.teacher_model_kwargs.num_classes)')
   model = build_model(name, kwargs, 'distillation.teacher_model')
-  from mobilevis_jax.models.registry import abstract_variables  # pylint: disable=import-outside-toplevel
+  from mobilevis_jax.models.registry import abstract_variables
   expected = _flat(dict(abstract_variables(model, image_size)))
   got = _flat(dict(variables))
   problems = [f'missing {k}' for k in expected if k not in got]
   problems += [f'{k}: checkpoint {tuple(np.shape(got[k]))} vs {name} {tuple(expected[k].shape)}'
-               for k in expected if k in got and tuple(np.shape(got[k])) != tuple(expected[k].shape)]
+               for k in expected
+               if k in got and tuple(np.shape(got[k])) != tuple(expected[k].shape)]
   problems += [f'unexpected {k}' for k in got if k not in expected]
   if problems:
     raise ConfigError(f'distillation.teacher_checkpoint {dcfg.teacher_checkpoint} does not hold a '
@@ -263,7 +274,8 @@ def _host_variables(params, batch_stats):
   return distributed.to_host(_variables(params, batch_stats))
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None,
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
+                       devices: Sequence[jax.Device] | None = None,
                        on_step: Callable[[int], None] | None = None) -> dict[str, float]:
   """Trains `cfg` in `workdir` (resuming from its newest readable checkpoint) and evaluates.
 
@@ -284,12 +296,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
   info = source.dataset_info(cfg.data)
   num_classes = cfg.num_classes if cfg.num_classes > 0 else int(info['num_classes'])
   if cfg.data.train_split not in info['splits']:
-    raise ValueError(f"train split {cfg.data.train_split!r} not in dataset splits {list(info['splits'])}")
+    raise ValueError(f"train split {cfg.data.train_split!r} not in dataset splits "
+                     f"{list(info['splits'])}")
   steps_per_epoch, total_steps, epoch_starts = epoch_layout(cfg, source, info, gbs, n_devices)
-  eval_every = int(round(cfg.eval_every_epochs * steps_per_epoch)) if cfg.eval_every_epochs > 0 else 0
+  eval_every = (int(round(cfg.eval_every_epochs * steps_per_epoch)) if cfg.eval_every_epochs > 0
+                else 0)
 
   # --- model and optimiser ---
-  model_kwargs = dict(cfg.model_kwargs.to_dict()) if hasattr(cfg.model_kwargs, 'to_dict') else dict(cfg.model_kwargs)
+  model_kwargs = (dict(cfg.model_kwargs.to_dict()) if hasattr(cfg.model_kwargs, 'to_dict')
+                  else dict(cfg.model_kwargs))
   model = build_model(cfg.model, {'num_classes': num_classes, **model_kwargs})
   rng = jax.random.PRNGKey(cfg.seed)
   init_rng, state_rng = jax.random.split(rng)
@@ -317,7 +332,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
     teacher_vars = distributed.replicate(dict(teacher_vars), mesh)
 
   # --- checkpoint: auto-resume ---
-  checkpointer = ckpt_lib.TrainCheckpointer(workdir, keep=cfg.checkpoint_keep, use_async=cfg.checkpoint_async)
+  checkpointer = ckpt_lib.TrainCheckpointer(workdir, keep=cfg.checkpoint_keep,
+                                            use_async=cfg.checkpoint_async)
   restored = checkpointer.restore_latest(_abstract(state.as_dict(), replicated))
   last_good = None
   if restored is not None:
@@ -329,12 +345,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
       print(f'resumed from step {last_good} ({checkpointer.directory})', flush=True)
   start_step = int(distributed.to_host(state.step))
 
-  train_step = make_train_step(mesh, model=model, tx=tx, schedule=schedule, opts=opts, teacher_model=teacher_model)
+  train_step = make_train_step(mesh, model=model, tx=tx, schedule=schedule, opts=opts,
+                               teacher_model=teacher_model)
   eval_step = make_eval_step(mesh, model=model, half_precision=cfg.half_precision)
   eval_cache: dict = {}
   writer = metrics_log.MetricWriter(workdir, tensorboard=cfg.tensorboard)
-  bar = metrics_log.ProgressBar(total=total_steps, initial=start_step, batch_size=gbs, enabled=cfg.progress_bar)
-  meta_base = {'model_name': cfg.model, 'model_kwargs': {'num_classes': num_classes, **model_kwargs}}
+  bar = metrics_log.ProgressBar(total=total_steps, initial=start_step, batch_size=gbs,
+                                enabled=cfg.progress_bar)
+  meta_base = {'model_name': cfg.model,
+               'model_kwargs': {'num_classes': num_classes, **model_kwargs}}
   train_iter = source.train_iterator(cfg.data, global_batch_size=gbs, seed=cfg.seed,
                                      start_step=start_step, num_devices=n_devices)
   tracker = (best_lib.BestTracker(workdir, keep_best_ema=cfg.keep_best_ema, meta=meta_base)
@@ -346,7 +365,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
       return res
     ema = (_host_variables(state.ema_params, state.ema_batch_stats)
            if cfg.ema_decay > 0 and 'eval_ema/top1' in res else None)
-    return {**res, **tracker.update(step_no, res, _host_variables(state.params, state.batch_stats), ema)}
+    raw = _host_variables(state.params, state.batch_stats)
+    return {**res, **tracker.update(step_no, res, raw, ema)}
 
   pending: list[tuple[int, dict]] = []
   results: dict[str, float] = {}
@@ -381,15 +401,18 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
         if step % cfg.log_every_steps == 0 or step == total_steps:
           last = flush()
           rate = bar.update(step, last[1]['loss'])
-          writer.write(step, {**{f'train/{k}': v for k, v in last[1].items()}, 'train/images_per_sec': rate})
+          writer.write(step, {**{f'train/{k}': v for k, v in last[1].items()},
+                              'train/images_per_sec': rate})
         if step % cfg.checkpoint_every_steps == 0 and step < total_steps:
           save(step)
         if eval_every and step % eval_every == 0 and step < total_steps:
           flush()
           results = track(step, run_evaluations(cfg, mesh=mesh, model=model, state=state,
-                                                eval_step=eval_step, source=source, eval_cache=eval_cache))
+                                                eval_step=eval_step, source=source,
+                                                eval_cache=eval_cache))
           writer.write(step, results)
-          bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in results.items() if 'count' not in k))
+          bar.write(f'step {step}: ' + ', '.join(f'{k}={v:.4f}' for k, v in results.items()
+                                                 if 'count' not in k))
         if preemption.reached(step):
           bar.write(f'preemption signal: saving step {step} and exiting')
           save(step, force=True)
@@ -399,9 +422,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
       if last_good != total_steps:
         save(total_steps, force=True)
       results = track(total_steps, run_evaluations(cfg, mesh=mesh, model=model, state=state,
-                                                   eval_step=eval_step, source=source, eval_cache=eval_cache))
+                                                   eval_step=eval_step, source=source,
+                                                   eval_cache=eval_cache))
       writer.write(total_steps, results)
-      bar.write(f'final (step {total_steps}): ' + ', '.join(f'{k}={v:.4f}' for k, v in results.items() if 'count' not in k))
+      bar.write(f'final (step {total_steps}): '
+                + ', '.join(f'{k}={v:.4f}' for k, v in results.items() if 'count' not in k))
   finally:
     checkpointer.wait()
     bar.close()
@@ -409,7 +434,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *, devices=
   return {'step': float(total_steps), **results}
 
 
-def evaluate_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: str, *, devices=None) -> dict[str, float]:
+def evaluate_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: str, *,
+                        devices: Sequence[jax.Device] | None = None) -> dict[str, float]:
   """Evaluates a variables checkpoint or a work directory's newest checkpoint on cfg's eval split
   (and after `fuse` when cfg.eval_fused). The model is built from the checkpoint's meta when it
   names one, else from cfg."""
@@ -426,7 +452,8 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: str, *, devi
   source = data.get_source(cfg.data.name)
   info = source.dataset_info(cfg.data)
   kwargs = dict(meta.get('model_kwargs') or {})
-  kwargs.setdefault('num_classes', cfg.num_classes if cfg.num_classes > 0 else int(info['num_classes']))
+  kwargs.setdefault('num_classes',
+                    cfg.num_classes if cfg.num_classes > 0 else int(info['num_classes']))
   if not meta.get('model_kwargs'):
     kwargs.update(cfg.model_kwargs.to_dict())
   model = mobilevis_jax.create_model(meta.get('model_name') or cfg.model, **kwargs)

@@ -7,7 +7,6 @@ guinea pig (the checks themselves are the family-independent ones in ``interop.s
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,6 +18,7 @@ from mobilevis_jax.interop import (
   save_state_dict,
   to_torch_state_dict,
 )
+from tests.helpers import abstract_variables
 
 NAME = "repvit_m0_6"
 
@@ -27,8 +27,7 @@ NAME = "repvit_m0_6"
 def state_dict():
   """A complete official-layout state_dict (zeros: only names and shapes matter here)."""
   model = create_model(NAME)
-  model_shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
-                                jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  model_shapes = abstract_variables(model, 32)
   zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), model_shapes)
   return to_torch_state_dict(NAME, zeros)
 

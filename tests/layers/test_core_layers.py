@@ -1,4 +1,5 @@
-"""The shared layers against PyTorch's definitions (and the re-param algebra against brute force)."""
+"""The shared layers against PyTorch's definitions (and the re-param algebra against brute
+force)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -12,19 +12,13 @@ from mobilevis_jax import cli, interop
 from mobilevis_jax.models import create_model, list_models, model_info
 from mobilevis_jax.models.regnet import STAGES, drop_path_rates
 from mobilevis_jax.profiling import count_params, profile
+from tests.helpers import abstract_variables
 
 # timm 1.0 ``sum(p.numel() for p in timm.create_model(name).parameters())``.
 EXPECTED_PARAMS = {"regnety_002": 3_162_996, "regnety_004": 4_344_144, "regnety_160": 83_590_140}
 # profile()'s conv + Linear MACs at 224 (regression values of our count).
 EXPECTED_GMACS = {"regnety_002": 0.1995, "regnety_004": 0.4018, "regnety_160": 15.91}
 SMALL = "regnety_002"
-
-
-def _abstract(name, resolution=32, **kw):
-  model = create_model(name, **kw)
-  x = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
-  return model, jax.eval_shape(lambda r: model.init(r, jnp.zeros(x.shape), train=False),
-                               jax.random.PRNGKey(0))
 
 
 def _random_variables(shapes, seed=0):
@@ -87,7 +81,7 @@ def test_stage_table_and_params_match_timm(name):
     assert len(blocks) == depth
     assert blocks[0].conv3.conv.out_channels == width
     assert blocks[0].conv2.conv.groups == width // group_size
-  _, v = _abstract(name)
+  v = abstract_variables(name, 32)
   assert count_params(v) == sum(p.numel() for p in ref.parameters()) == EXPECTED_PARAMS[name]
   # Every shape agrees (SE widths follow the block input, so they differ inside a stage).
   sd = interop.to_torch_state_dict(name, jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), v),
@@ -174,7 +168,7 @@ def test_regnety_160_timm_to_jax(regnety_160):
 def test_regnety_160_jax_to_timm(regnety_160):
   import torch
   ref, model, apply, x = regnety_160
-  _, shapes = _abstract("regnety_160")
+  shapes = abstract_variables("regnety_160", 32)
   variables = _random_variables(shapes, seed=1)
   got = np.asarray(apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1))))
   sd = interop.to_torch_state_dict("regnety_160", variables, layout="timm")
@@ -260,7 +254,7 @@ def test_bad_inputs():
     create_model(SMALL).init(jax.random.PRNGKey(0), jnp.ones((1, 32, 32, 1)))
   with pytest.raises(ValueError, match="num_classes"):
     create_model(SMALL, num_classes=0).init(jax.random.PRNGKey(0), jnp.ones((1, 32, 32, 3)))
-  _, v = _abstract(SMALL)
+  v = abstract_variables(SMALL, 32)
   with pytest.raises(ValueError, match="timm"):
     interop.to_torch_state_dict(SMALL, v, layout="official")
 

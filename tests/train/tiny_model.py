@@ -1,5 +1,6 @@
-"""A tiny registered CNN for trainer tests: ConvBN-stride-2 stages, optional dropout and a DeiT-style
-distillation head, small enough that a step compiles and runs in well under a second on a CPU."""
+"""A tiny registered CNN for trainer tests: ConvBN-stride-2 stages, optional dropout and a
+DeiT-style distillation head, small enough that a step compiles and runs in well under a second on a
+CPU."""
 
 import flax.linen as nn
 import jax.numpy as jnp

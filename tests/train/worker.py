@@ -1,7 +1,8 @@
 """Subprocess entry point of the trainer tests (a fresh process per device count / process id).
 
     python tests/train/worker.py train [mobilevis train flags]      # the CLI with the tiny model registered
-        (MOBILEVIS_TEST_STEP_SLEEP=s sleeps s seconds after every step, so a test can kill it mid-run)
+        (MOBILEVIS_TEST_STEP_SLEEP=s sleeps s seconds after every step, so a test can kill it
+        mid-run)
     python tests/train/worker.py dp OUT.json                        # 1 vs N-device step comparison
     python tests/train/worker.py recipes OUT.json TMPDIR NAME ...    # 2 steps of each packaged recipe
         (NAME '_bad_input': the bad-override checks, after the recipes)
