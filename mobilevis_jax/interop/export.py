@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mobilevis_jax.interop.state_dict import to_torch_state_dict
+from mobilevis_jax.interop.state_dict import StateDictError, to_torch_state_dict
 from mobilevis_jax.models import registry
 
 
@@ -48,6 +48,28 @@ def parse_resolution(resolution: int | str | tuple[int, int] | None, name: str) 
   return h, w
 
 
+def _leaf_shapes(tree: Mapping) -> dict[str, tuple[int, ...]]:
+  flat = jax.tree_util.tree_flatten_with_path(
+      {c: tree[c] for c in ("params", "batch_stats") if c in tree})[0]
+  return {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in flat}
+
+
+def _check_variables(name: str, model, variables: Mapping, kwargs: Mapping) -> None:
+  """A StateDictError naming the leaves when ``variables`` are not those of ``name(**kwargs)``."""
+  expected = _leaf_shapes(registry.abstract_variables(
+      model, registry.model_info(name).default_resolution))
+  got = _leaf_shapes(variables)
+  missing = sorted(set(expected) - set(got))
+  unexpected = sorted(set(got) - set(expected))
+  misshaped = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+  if missing or unexpected or misshaped:
+    show = lambda keys: ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")
+    raise StateDictError(
+        f"the variables are not those of {name}{' ' + str(dict(kwargs)) if kwargs else ''}: "
+        f"{len(missing)} missing ({show(missing)}), {len(unexpected)} unexpected "
+        f"({show(unexpected)}), {len(misshaped)} misshaped ({show(misshaped)})")
+
+
 def _check_resolution(name: str, model, variables, resolution: tuple[int, int]) -> None:
   """Raise a ValueError naming the model and resolution if the JAX model cannot take it."""
   h, w = resolution
@@ -71,7 +93,8 @@ def export_torch(name: str, variables: Mapping, path: str | os.PathLike, *,
 
   Args:
     name: a registered model name.
-    variables: its Flax variables (``params`` and ``batch_stats``), unfused.
+    variables: its Flax variables (``params`` and ``batch_stats``), unfused; those of another
+      model (or other kwargs) are a StateDictError naming the leaves that differ.
     path: a ``.safetensors`` file in an existing directory. Written under a temporary name and
       renamed, so a failed export leaves nothing at ``path`` (an existing file stays as it was).
     resolution: the input size the file is for (``H``, ``'HxW'`` or ``(H, W)``; default: the
@@ -91,6 +114,7 @@ def export_torch(name: str, variables: Mapping, path: str | os.PathLike, *,
   path = torch_models.check_output_path(path)
   hw = parse_resolution(resolution, name)
   model = registry.create_model(name, **model_kwargs)
+  _check_variables(name, model, variables, model_kwargs)
   _check_resolution(name, model, variables, hw)
   fam = torch_models.family(name)
   fused = bool(fuse) and fam in torch_models.FUSABLE_FAMILIES
