@@ -1,4 +1,4 @@
-"""PyTorch reference of MobileViG (SLDGroup/MobileViG, ``models/mobilevig.py``) for parity tests.
+"""PyTorch MobileViG (SLDGroup/MobileViG, ``models/mobilevig.py``): parity reference and export target.
 
 Written from the architecture description, not copied: it reproduces the official module tree so
 that ``state_dict()`` has exactly the official key names and shapes (``stem.stem.N``,

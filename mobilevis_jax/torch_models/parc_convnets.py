@@ -1,6 +1,6 @@
-"""PyTorch reference for the official ParC-ConvNets (hkzhang91/ParC-Net, `ParC_ConvNets/`).
+"""PyTorch modules of the official ParC-ConvNets (hkzhang91/ParC-Net, `ParC_ConvNets/`).
 
-Written for the parity tests of `mobilevis_jax.models.parc_convnets`: it rebuilds the official
+Our own code, the parity reference of `mobilevis_jax.models.parc_convnets` and its export target: it rebuilds the official
 module trees (ParC-ConvNeXt-XT, ParC-ResNet50, ParC-MobileNetV2) so that `state_dict()` has the
 official key names and shapes, and computes the same forward pass.
 

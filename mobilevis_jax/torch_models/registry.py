@@ -41,10 +41,11 @@ _INFERENCE_IRRELEVANT = frozenset({
     "layer_scale_init", "head_init_scale", "zero_init_last"})
 
 
-def _take(name: str, kw: dict, allowed: Mapping[str, Any], fixed: Mapping[str, Any] = {}) -> dict:
+def _take(name: str, kw: dict, allowed: Mapping[str, Any],
+          fixed: Mapping[str, Any] | None = None) -> dict:
   """The ``allowed`` arguments of ``kw`` (with their defaults), after checking that every other
   argument is inference-irrelevant or, for those in ``fixed``, has the only supported value."""
-  out = dict(allowed)
+  out, fixed = dict(allowed), fixed or {}
   for k, v in kw.items():
     if k in allowed:
       out[k] = v

@@ -1,6 +1,7 @@
-"""PyTorch reference for RepViT with the official THU-MIG/RepViT module tree and key names.
+"""PyTorch RepViT with the official THU-MIG/RepViT module tree and key names.
 
-Written for the tests (not taken from the official repository): it reproduces the structure the
+Our own code (not taken from the official repository), the parity reference of the tests and
+the module `mobilevis export --format torch` deploys: it reproduces the structure the
 official checkpoints are saved from -- ``features.0`` is the stem, ``features.1..N`` are the
 config rows (one block each), ``classifier.classifier`` / ``classifier.classifier_dist`` are
 BN->Linear heads -- so that ``state_dict()`` has exactly the official keys and shapes.
