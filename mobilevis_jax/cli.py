@@ -2,6 +2,7 @@
 
     mobilevis zoo [--models PATTERN] [--fuse-resolution N]   table of params / MACs / fuse check
     mobilevis export --model NAME --checkpoint DIR --layout official|timm --out FILE
+    mobilevis export --model NAME --checkpoint DIR --format torch [--resolution HxW] --out F.safetensors
     mobilevis import --model NAME --weights FILE --layout official|timm --out DIR
     mobilevis data prepare|stats ...                          TFDS datasets (mobilevis_jax.data.cli)
     mobilevis train|eval ...                                  the trainer (mobilevis_jax.train.main)
@@ -44,13 +45,56 @@ def cmd_zoo(args) -> int:
   return 0
 
 
+# What `mobilevis export --format` writes: the state_dict in an official/timm layout (default), or
+# the deployable PyTorch file (`mobilevis_jax.torch_models.load`). Issue #11 plans the others.
+EXPORT_FORMATS = ("state_dict", "torch")
+PLANNED_FORMATS = ("onnx", "tflite", "coreml")
+
+
+def _check_export_format(fmt: str) -> None:
+  if fmt in PLANNED_FORMATS:
+    raise SystemExit(f"export format {fmt!r} is not implemented yet; available: "
+                     f"{', '.join(EXPORT_FORMATS)}")
+  if fmt not in EXPORT_FORMATS:
+    raise SystemExit(f"unknown export format {fmt!r}; available: {', '.join(EXPORT_FORMATS)}")
+
+
+def _export_torch(args, variables, kwargs) -> int:
+  from mobilevis_jax import interop
+  try:
+    header = interop.export_torch(args.model, variables, args.out, resolution=args.resolution,
+                                  fuse=args.fuse, **kwargs)
+  except (ValueError, FileNotFoundError, interop.StateDictError) as e:
+    raise SystemExit(f"export of {args.model} failed: {e}") from e
+  h, w = header["resolution"]
+  form = ", ".join(f for f, on in (("fused", header["fused"]), ("ParC kernels baked", header["baked"]))
+                   if on) or "unfused"
+  print(f"wrote {args.model} ({form}) for {h}x{w} inputs to {args.out}; "
+        "load it with mobilevis_jax.torch_models.load(path)")
+  return 0
+
+
 def cmd_export(args) -> int:
   from mobilevis_jax import interop
   from mobilevis_jax.train.checkpoint import restore_variables
+  _check_export_format(args.format)
+  if args.format == "torch":
+    # Fail before reading the checkpoint: a bad output path or resolution is known up front.
+    from mobilevis_jax.interop.export import parse_resolution
+    from mobilevis_jax.models import model_info
+    from mobilevis_jax.torch_models import check_output_path
+    try:
+      model_info(args.model)
+      check_output_path(args.out)
+      parse_resolution(args.resolution, args.model)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+      raise SystemExit(f"export of {args.model}: {e}") from e
   variables, meta = restore_variables(args.checkpoint)
   if meta.get("model_name") not in (None, args.model):
     raise SystemExit(f"checkpoint {args.checkpoint} holds {meta['model_name']!r}, not {args.model!r}")
   kwargs = {**meta.get("model_kwargs", {}), **_model_kwargs(args)}
+  if args.format == "torch":
+    return _export_torch(args, variables, kwargs)
   sd = interop.to_torch_state_dict(args.model, variables, layout=args.layout, **kwargs)
   # The file says how to feed the model: its pretrained_cfg (eval transform, input convention)
   # travels with the weights, so whoever loads them preprocesses as the model expects.
@@ -95,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
   _add_model_args(p)
   p.add_argument("--checkpoint", required=True, help="variables checkpoint or training workdir")
   p.add_argument("--out", required=True, help="output file (.safetensors or .pth)")
+  p.add_argument("--format", default="state_dict",
+                 help="state_dict (default: the weights in --layout) or torch (a deployable "
+                      "file of the packaged PyTorch module: fused, ParC kernels baked)")
+  p.add_argument("--resolution", default=None,
+                 help="--format torch: input size H or HxW (default: the model's)")
+  p.add_argument("--fuse", default=True, action=argparse.BooleanOptionalAction,
+                 help="--format torch: write the fused form where the family has one")
   p.set_defaults(func=cmd_export)
 
   p = sub.add_parser("import", help="PyTorch .safetensors/.pth -> orbax variables checkpoint")

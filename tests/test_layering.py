@@ -9,9 +9,10 @@ Layers, lowest first (a package may import only those listed for it):
 
     layers     <- jax / flax / numpy / stdlib only
     models     <- layers
-    interop    <- layers, models
+    interop    <- layers, models, torch_models (inside functions only)
     profiling  <- layers, models
     data       <- data only (TensorFlow lives here)
+    torch_models <- torch_models only (torch lives here)
     train      <- anything but cli; its step (train/step.py) reaches neither data nor TensorFlow
 
 `zoo`, `cli` and the top-level facade sit above all of them.
@@ -33,12 +34,14 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 ALLOWED = {
     "layers": {"layers"},
     "models": {"layers", "models"},
-    "interop": {"layers", "models", "interop"},
+    "interop": {"layers", "models", "interop", "torch_models"},
     "profiling": {"layers", "models"},
     # data may reach down to layers (the bottom layer) for its one shared helper, cvnets' batch
     # rounding = layers.make_divisible; never to models or train.
     "data": {"data", "layers"},
     "timing": set(),
+    # The packaged PyTorch modules: torch only, nothing of the JAX side.
+    "torch_models": {"torch_models"},
 }
 # Third-party packages `layers` may use (besides the standard library).
 LAYERS_EXTERNAL = {"jax", "flax", "numpy"}
@@ -199,10 +202,23 @@ def test_the_train_step_reaches_neither_data_nor_tensorflow():
   assert "mobilevis_jax.train.mixup" in seen  # mixup runs inside the step
 
 
+def _module_level_imports(path: Path) -> list[str]:
+  names = []
+  for node in ast.parse(path.read_text()).body:
+    if isinstance(node, ast.Import):
+      names += [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+  return names
+
+
 def test_torch_is_never_imported_at_module_level():
-  # torch is an optional extra: the core package may only import it inside functions.
+  # torch is an optional extra: the core package may only import it inside functions, except in
+  # torch_models, the subpackage the extra is for (which nothing imports at module level).
   bad = []
   for mod, path in FILES.items():
+    if _group(mod) == "torch_models":
+      continue
     for node in ast.parse(path.read_text()).body:
       names = []
       if isinstance(node, ast.Import):
@@ -211,3 +227,11 @@ def test_torch_is_never_imported_at_module_level():
         names = [node.module]
       bad += [f"{mod} -> {n}" for n in names if n.split(".")[0] in ("torch", "timm")]
   assert not bad, bad
+
+
+def test_torch_models_is_imported_only_inside_functions():
+  # `import mobilevis_jax` (and anything but torch_models itself) must not pull in torch.
+  bad = [f"{mod} -> {n}" for mod, path in FILES.items() if _group(mod) != "torch_models"
+         for n in _module_level_imports(path) if n.startswith(f"{PACKAGE}.torch_models")]
+  assert not bad, bad
+  assert "torch" in EXTERNAL["mobilevis_jax.torch_models.repvit"]  # the scan sees the subpackage

@@ -99,9 +99,10 @@ def torch_files(tmp_path_factory):
   """An official two-head RepViT .pth made by the PyTorch reference, and a timm GhostNet .pth."""
   torch = pytest.importorskip("torch")
   timm = pytest.importorskip("timm")
-  from tests.torch_refs import repvit as R
+  from mobilevis_jax.torch_models import repvit as R
+  from tests.helpers import randomize_repvit_
   root = tmp_path_factory.mktemp("torch_files")
-  official = R.randomize_(R.RepViT("repvit_m0_6", distillation=True), seed=1).state_dict()
+  official = randomize_repvit_(R.RepViT("repvit_m0_6", distillation=True), seed=1).state_dict()
   torch.save({"model": official}, root / "repvit_m0_6_official.pth")
   timm_sd = timm.create_model("ghostnet_050", pretrained=False).state_dict()
   torch.save(timm_sd, root / "ghostnet_050_timm.pth")

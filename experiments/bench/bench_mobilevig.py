@@ -1,6 +1,6 @@
 """Whole-model inference: jitted MobileViG (JAX) vs the PyTorch reference, same machine, same run.
 
-The PyTorch side is the official module tree (``tests/torch_refs/mobilevig.py``) in eval
+The PyTorch side is the official module tree (``mobilevis_jax/torch_models/mobilevig.py``) in eval
 mode under ``torch.inference_mode``; the JAX side is ``jax.jit(model.apply)`` on the same weights
 (imported with ``from_torch_state_dict``), so the two also agree numerically (max |diff| printed).
 Each time is the median of several calls after a warm-up; compare the ratios, not the times.
@@ -30,7 +30,7 @@ from mobilevis_jax import interop  # noqa: E402
 def main(argv=None):
   import torch
 
-  from tests.torch_refs.mobilevig import build
+  from mobilevis_jax.torch_models.mobilevig import build
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")

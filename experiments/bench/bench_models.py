@@ -4,7 +4,7 @@ For each model, on this machine and in this one run, with the two frameworks tim
 per row (so machine load affects both sides of a ratio alike):
 
 * ``fwd``: jitted ``model.apply(train=False)`` against the PyTorch module of the official tree
-  (``tests/torch_refs/<family>.py``) in eval mode under ``torch.inference_mode``, channels_last;
+  (``mobilevis_jax/torch_models/<family>.py``) in eval mode under ``torch.inference_mode``, channels_last;
 * ``fwd-fused``: where ``mv.can_fuse`` (RepViT), ``mv.fuse``'s model against the reference's own
   re-parameterisation;
 * ``train``: one step of forward + backward + AdamW (cross-entropy on random labels, BN in train
@@ -49,17 +49,17 @@ MODES = ("fwd", "fwd-fused", "train")
 # PyTorch references: (official-tree factory, timm name or None, official fuse or None)
 # ----------------------------------------------------------------------------------------------
 def _repvit(name):
-  from tests.torch_refs import repvit as R
+  from mobilevis_jax.torch_models import repvit as R
   return lambda: R.RepViT(name, distillation=False), R.fuse_model
 
 
 def _mobilevig(name):
-  from tests.torch_refs import mobilevig as R
+  from mobilevis_jax.torch_models import mobilevig as R
   return lambda: R.build(name), None
 
 
 def _parameternet(name):
-  from tests.torch_refs import parameternet as R
+  from mobilevis_jax.torch_models import parameternet as R
   return getattr(R, name), None
 
 
@@ -69,19 +69,19 @@ def _ghostnet_timm(name):
 
 
 def _parcnet(name):
-  from tests.torch_refs.parcnet import ParCNetRef
+  from mobilevis_jax.torch_models.parcnet import ParCNetRef
   return lambda: ParCNetRef(name.split("_")[1]), None
 
 
 def _parc_convnets(name):
-  from tests.torch_refs import parc_convnets as R
+  from mobilevis_jax.torch_models import parc_convnets as R
   return R.BUILDERS[name], None
 
 
 def _tiny_repvit(name):
   # Two stages of RepViT (one block each, widths 16/32): the smoke run's model, small enough to
   # compile a train step in seconds. Registered in the reference's row table under ``name``.
-  from tests.torch_refs import repvit as R
+  from mobilevis_jax.torch_models import repvit as R
   R.ROW_TABLES.setdefault(name, ((16, "10"), (32, "D10")))
   return _repvit(name)
 

@@ -1,6 +1,6 @@
 """Whole-model forward of the ParC-ConvNets: jitted JAX vs the PyTorch reference, same run.
 
-For each model, the PyTorch reference of the official module tree (``tests/torch_refs``) and the
+For each model, the PyTorch reference of the official module tree (``mobilevis_jax/torch_models``) and the
 Flax model loaded from its state_dict are timed on the same batch (inference mode, float32, the
 same device class: XLA:CPU vs PyTorch CPU unless JAX sees a GPU and torch has CUDA). Reported per
 model: median ms per batch for both, the ratio torch / jax (> 1: JAX is faster), JAX's compile
@@ -34,7 +34,7 @@ def bench_model(name: str, batch: int, resolution: int, reps: int, parc_method: 
   import mobilevis_jax as mv
   from mobilevis_jax.interop import from_torch_state_dict
   sys.path.insert(0, REPO)
-  from tests.torch_refs import parc_convnets as ref
+  from mobilevis_jax.torch_models import parc_convnets as ref
 
   use_cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
   device = "cuda" if use_cuda else "cpu"

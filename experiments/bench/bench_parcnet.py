@@ -1,7 +1,7 @@
 """Whole-model inference speed: jitted Flax ParC-Net vs the PyTorch reference, same run.
 
 Times the eval-mode forward of ``parcnet_*`` in JAX (jitted, each ParC method) and of the
-PyTorch reference in ``tests/torch_refs/parcnet.py`` (eager, ``torch.no_grad``) with the
+PyTorch reference in ``mobilevis_jax/torch_models/parcnet.py`` (eager, ``torch.no_grad``) with the
 same weights, and prints the JAX/PyTorch time ratio (< 1: JAX faster).
 
     python experiments/bench/bench_parcnet.py                    # parcnet_s, 256 px, batch 8
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import mobilevis_jax  # noqa: E402
 from mobilevis_jax.interop import from_torch_state_dict  # noqa: E402
 from mobilevis_jax.timing import median_ms  # noqa: E402
-from tests.torch_refs.parcnet import ParCNetRef  # noqa: E402
+from mobilevis_jax.torch_models.parcnet import ParCNetRef  # noqa: E402
 
 
 def main():

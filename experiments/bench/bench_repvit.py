@@ -2,7 +2,7 @@
 
 Both sides run the same weights (random, with random BN statistics; imported into JAX with
 ``from_torch_state_dict``), in eval mode, unfused and fused (``mobilevis_jax.fuse`` vs the
-official ``replace_batchnorm`` re-implemented in ``tests/torch_refs/repvit.py``). PyTorch
+official ``replace_batchnorm`` re-implemented in ``mobilevis_jax/torch_models/repvit.py``). PyTorch
 runs under ``torch.inference_mode``; JAX is ``jax.jit(model.apply)`` with the output blocked on.
 Each time is the median of several calls after a warm-up (which includes JAX's compile). Compare
 the ratios, not the absolute times: the machine may be shared.
@@ -32,7 +32,8 @@ from mobilevis_jax.interop import from_torch_state_dict  # noqa: E402
 def main(argv=None) -> list[dict]:
   import torch
 
-  from tests.torch_refs import repvit as R
+  from mobilevis_jax.torch_models import repvit as R
+  from tests.helpers import randomize_repvit_
 
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
@@ -48,7 +49,7 @@ def main(argv=None) -> list[dict]:
   res = args.resolution or (64 if args.quick else 224)
   reps = args.reps or (2 if args.quick else 10)
 
-  ref = R.randomize_(R.RepViT(name, distillation=True), resolution=res).eval()
+  ref = randomize_repvit_(R.RepViT(name, distillation=True), resolution=res).eval()
   ref_fused = R.fuse_model(ref)
   variables = from_torch_state_dict(name, ref.state_dict(), distillation=True)
   model = mv.create_model(name, distillation=True)

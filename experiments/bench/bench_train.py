@@ -2,7 +2,7 @@
 
 Both sides train the same RepViT (random init, one head) on the same random batch with the
 RepViT recipe's step: label-smoothed cross-entropy, AGC 0.02, AdamW with masked weight decay. The
-PyTorch side is the test reference of the official module tree (tests/torch_refs/repvit.py)
+PyTorch side is the test reference of the official module tree (mobilevis_jax/torch_models/repvit.py)
 in eager mode. Both are timed in this one run on the same machine; the script prints images/s of
 each and the ratio JAX / PyTorch.
 
@@ -72,7 +72,7 @@ def bench_torch(model_name, resolution, batch, steps, warmup, device, half):
   import torch
   import torch.nn.functional as F
 
-  from tests.torch_refs.repvit import RepViT
+  from mobilevis_jax.torch_models.repvit import RepViT
 
   torch.manual_seed(0)
   dev = torch.device('cuda' if device == 'gpu' else 'cpu')

@@ -137,7 +137,7 @@ def test_macs_count_mixing_and_routing():
 
 def test_matches_pytorch_condconv():
   torch = pytest.importorskip("torch")
-  from tests.torch_refs.parameternet import DynamicConv as TorchDynamicConv
+  from mobilevis_jax.torch_models.parameternet import DynamicConv as TorchDynamicConv
 
   torch.manual_seed(0)
   cin, cout, k, s, g = 6, 9, 3, 2, 3

@@ -72,10 +72,11 @@ def test_svga_rejects_bad_input():
 
 def test_mrconv4d_matches_torch_block_concat():
   torch = pytest.importorskip("torch")
-  from tests.torch_refs.mobilevig import RefMRConv4d, randomize_bn_
+  from mobilevis_jax.torch_models.mobilevig import RefMRConv4d
+  from tests.helpers import randomize_mobilevig_
   c, h, w = 6, 5, 8
   x = np.random.default_rng(0).normal(size=(2, h, w, c)).astype(np.float32)
-  ref = randomize_bn_(RefMRConv4d(c, 2)).eval()
+  ref = randomize_mobilevig_(RefMRConv4d(c, 2)).eval()
   conv, bn = ref.nn[0], ref.nn[1]
   variables = {
       "params": {"conv": {"kernel": jnp.asarray(conv.weight.detach().numpy().transpose(2, 3, 1, 0)),

@@ -3,7 +3,7 @@
 For one variant of every family (plus ``ghostnet_100`` against timm and ``parameternet_600m``) a
 freshly initialised JAX model is exported through the interop key mapping
 (:func:`mobilevis_jax.interop.to_torch_state_dict`) and compared, key by key, with freshly built
-PyTorch references (``tests/torch_refs``; timm for GhostNet) initialised as the official code does
+PyTorch references (``mobilevis_jax/torch_models``; timm for GhostNet) initialised as the official code does
 (../shared/reference/training.md, "Initialisation"). Per tensor, pooled over a few seeds on both
 sides:
 
@@ -13,7 +13,7 @@ sides:
   distribution (excess kurtosis: uniform -1.2, normal 0, +-2 sigma truncated normal -0.64) for
   large tensors, and, where PyTorch's draw is uniform, every value inside its bound.
 
-Some official trees in ``tests/torch_refs`` are architecture-only (their parity tests overwrite
+Some official trees in ``mobilevis_jax/torch_models`` are architecture-only (their parity tests overwrite
 the weights); their official init passes are written out below from the official files.
 
 Speed: ``jax.jit(model.init)`` compiles the whole forward pass, which takes minutes for
@@ -162,7 +162,7 @@ def _parc_mobilenetv2_init(model):
 def _torch_builders():
   import timm
 
-  from tests.torch_refs import mobilevig, parameternet, parc_convnets, parcnet, repvit
+  from mobilevis_jax.torch_models import mobilevig, parameternet, parc_convnets, parcnet, repvit
   return {
       # name: (layout, builder of a freshly initialised official model, JAX model kwargs)
       "repvit_m0_6": ("official", lambda: repvit.RepViT("repvit_m0_6", distillation=True),

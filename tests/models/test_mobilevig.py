@@ -1,6 +1,6 @@
 """MobileViG: parameter counts, official-profiler GMACs, PyTorch parity both ways, features.
 
-The PyTorch reference (``tests/torch_refs/mobilevig.py``) reproduces the official module
+The packaged PyTorch module (``mobilevis_jax/torch_models/mobilevig.py``) reproduces the official module
 tree; every parity test loads strictly (all keys, every ``num_batches_tracked``).
 """
 import flax.linen as nn
@@ -46,7 +46,7 @@ def test_profile_reproduces_official_profiler(i):
 def test_official_profiler_convention_against_torch_hooks():
   """Re-derive the Ti numbers with forward hooks on the PyTorch reference (independent path)."""
   torch = pytest.importorskip("torch")
-  from tests.torch_refs.mobilevig import build
+  from mobilevis_jax.torch_models.mobilevig import build
   ref = build("mobilevig_ti").eval()
   macs, params = [0], [0]
 
@@ -84,8 +84,9 @@ PARITY = [("mobilevig_ti", (224, 224)), ("mobilevig_s", (64, 96)), ("mobilevig_m
 @pytest.mark.parametrize("name,size", PARITY, ids=[n for n, _ in PARITY])
 def test_import_parity(name, size):
   torch = pytest.importorskip("torch")
-  from tests.torch_refs.mobilevig import build, randomize_bn_
-  ref = randomize_bn_(build(name), seed=1).eval()
+  from mobilevis_jax.torch_models.mobilevig import build
+  from tests.helpers import randomize_mobilevig_
+  ref = randomize_mobilevig_(build(name), seed=1).eval()
   variables = interop.from_torch_state_dict(name, ref.state_dict())
   x = np.random.default_rng(0).normal(size=(2, *size, 3)).astype(np.float32)
   with torch.no_grad():
@@ -119,7 +120,7 @@ def _random_variables(name_or_model, seed=0, **kw):
                          ids=["two_heads", "one_head_10_classes"])
 def test_export_parity_strict_load(kw, tmp_path):
   torch = pytest.importorskip("torch")
-  from tests.torch_refs.mobilevig import build
+  from mobilevis_jax.torch_models.mobilevig import build
   name = "mobilevig_ti"
   variables = _random_variables(name, **kw)
   sd = interop.to_torch_state_dict(name, variables, **kw)
@@ -145,9 +146,10 @@ def test_export_parity_strict_load(kw, tmp_path):
 def test_train_mode_matches_torch_batch_statistics():
   """Train mode: both heads returned, BN normalises with batch moments and updates like torch."""
   torch = pytest.importorskip("torch")
-  from tests.torch_refs.mobilevig import build, randomize_bn_
+  from mobilevis_jax.torch_models.mobilevig import build
+  from tests.helpers import randomize_mobilevig_
   name = "mobilevig_ti"
-  ref = randomize_bn_(build(name, drop_path=0.0), seed=2).train()
+  ref = randomize_mobilevig_(build(name, drop_path=0.0), seed=2).train()
   # Clone: on CPU the imported arrays may share memory with the torch tensors, which the torch
   # forward below updates in place.
   variables = interop.from_torch_state_dict(name, {k: v.clone() for k, v in ref.state_dict().items()})
@@ -163,7 +165,7 @@ def test_train_mode_matches_torch_batch_statistics():
 
 
 def test_state_dict_errors_name_the_keys():
-  from tests.torch_refs.mobilevig import build
+  from mobilevis_jax.torch_models.mobilevig import build
   pytest.importorskip("torch")
   sd = build("mobilevig_ti").state_dict()
   del sd["backbone.1.0.graph_conv.nn.1.running_var"]

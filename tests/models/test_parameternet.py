@@ -160,7 +160,7 @@ def _parity(name, torch_model, layout, resolution, capture=()):
 def test_parameternet_600m_parity_224_and_stage_features():
   """The family's one full-resolution check: official module tree, logits and stage outputs."""
   torch = pytest.importorskip("torch")
-  from tests.torch_refs.parameternet import parameternet_600m
+  from mobilevis_jax.torch_models.parameternet import parameternet_600m
   ref = parameternet_600m()
   stage_ends = {"blocks_2_0": 2, "blocks_4_1": 4, "blocks_6_5": 6, "blocks_8_4": 8}
   x, inter = _parity("parameternet_600m", ref, "official", 224, capture=tuple(stage_ends))
@@ -179,7 +179,7 @@ def test_ghostnet_100_parity_with_timm():
 
 def test_parameternet_300m_parity():
   pytest.importorskip("torch")
-  from tests.torch_refs.parameternet import parameternet_300m
+  from mobilevis_jax.torch_models.parameternet import parameternet_300m
   _parity("parameternet_300m", parameternet_300m(), "official", 64)
 
 
@@ -189,7 +189,7 @@ def test_static_twins_and_timm_variants_export_strict(name):
   """Keys and shapes only (logit parity of the static layout is covered by ghostnet_100)."""
   torch = pytest.importorskip("torch")
   timm = pytest.importorskip("timm")
-  from tests.torch_refs import parameternet as refs
+  from mobilevis_jax.torch_models import parameternet as refs
   ref = getattr(refs, name)() if name.endswith("m") else timm.create_model(name)
   _, v = _abstract_params(name)
   v = jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.5, np.float32), v)

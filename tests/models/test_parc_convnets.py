@@ -2,7 +2,7 @@
 
 * parameter counts and MACs equal the official modules' (numbers measured on the official files:
   parameters() and torch's FlopCounterMode, conv + linear MACs);
-* logits equal our PyTorch reference of the official module tree (tests/torch_refs) within 1e-4
+* logits equal our PyTorch reference of the official module tree (mobilevis_jax/torch_models) within 1e-4
   at 224 px, after a strict import of its state_dict, and the export reproduces that state_dict
   key for key, in order, with equal shapes and values;
 * at other (also non-square) sizes, which the official fixed-size operators reject, the models
@@ -78,7 +78,7 @@ def test_bad_input_is_rejected():
 # ------------------------------------------------------------------------------ PyTorch parity
 def _torch_reference(name, resample, seed=0):
   torch = pytest.importorskip("torch")
-  from tests.torch_refs import parc_convnets as ref
+  from mobilevis_jax.torch_models import parc_convnets as ref
   torch.manual_seed(seed)
   model = ref.BUILDERS[name](resample=resample).eval()
   gen = torch.Generator().manual_seed(seed)

@@ -45,7 +45,7 @@ def test_macs_official_profiler_and_plain_count(name, official_m, counted_m):
 @pytest.fixture(scope="module")
 def torch_s():
   torch = pytest.importorskip("torch")
-  from tests.torch_refs.parcnet import ParCNetRef
+  from mobilevis_jax.torch_models.parcnet import ParCNetRef
   torch.manual_seed(0)
   ref = ParCNetRef("s").eval()
   randomize_bn_(ref)
@@ -86,7 +86,7 @@ def test_strict_load_errors(torch_s):
 
 def test_exported_weights_load_strictly_into_torch(torch_s):
   torch = pytest.importorskip("torch")
-  from tests.torch_refs.parcnet import ParCNetRef
+  from mobilevis_jax.torch_models.parcnet import ParCNetRef
   model = mobilevis_jax.create_model("parcnet_xs", num_classes=7)
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
   sd = to_torch_state_dict("parcnet_xs", variables, num_classes=7)

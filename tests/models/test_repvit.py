@@ -1,6 +1,6 @@
 """RepViT: parameter counts and fused MACs against the official numbers, the official init,
 SE placement, fused-vs-unfused agreement, distillation outputs and multi-scale features; then
-parity with PyTorch: the official layout (our reference in ``tests/torch_refs/repvit.py``) and
+parity with PyTorch: the official layout (our reference in ``mobilevis_jax/torch_models/repvit.py``) and
 timm's (``timm.models.repvit``), both directions, through files, unfused and fused.
 
 Every PyTorch load is ``strict=True``; torch models carry random weights *and* random BN
@@ -29,7 +29,7 @@ from mobilevis_jax.models.repvit import (
   se_channels,
 )
 from mobilevis_jax.profiling import count_params
-from tests.helpers import abstract_variables, assert_same_tree
+from tests.helpers import abstract_variables, assert_same_tree, randomize_repvit_
 
 # From ../shared/reference/repvit.md (official code built with torch; fvcore GMACs at 224).
 # name: (params with one head, with two heads, fused, fused GMACs)
@@ -305,7 +305,7 @@ class _Official:
   name = "repvit_m0_6"
 
   def __init__(self, torch, R):
-    self.torch_model = R.randomize_(R.RepViT(self.name, distillation=True), seed=3).eval()
+    self.torch_model = randomize_repvit_(R.RepViT(self.name, distillation=True), seed=3).eval()
     self.x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     self.torch_logits = _torch_logits(self.torch_model, self.x)
     self.sd = self.torch_model.state_dict()
@@ -319,9 +319,9 @@ class _Official:
 
 @pytest.fixture(scope="module")
 def torch_ref():
-  """(torch, tests/torch_refs/repvit.py); skips the PyTorch tests when torch is not installed."""
+  """(torch, mobilevis_jax/torch_models/repvit.py); skips the PyTorch tests when torch is not installed."""
   torch = pytest.importorskip("torch")
-  from tests.torch_refs import repvit
+  from mobilevis_jax.torch_models import repvit
   return torch, repvit
 
 
@@ -409,7 +409,7 @@ def test_timm_legacy_both_directions(torch_ref):
   import timm
   name = "repvit_m1"
   timm_model = timm.create_model(name, pretrained=False, distillation=False)
-  timm_model = R.randomize_(timm_model, seed=4).eval()
+  timm_model = randomize_repvit_(timm_model, seed=4).eval()
   x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
   expected = _torch_logits(timm_model, x)
   variables = from_torch_state_dict(name, timm_model.state_dict(), layout="timm")
@@ -428,7 +428,7 @@ def test_full_resolution_m1_1(torch_ref):
   """One check at 224 on the flagship variant, with the official two-head checkpoint format."""
   torch, R = torch_ref
   name = "repvit_m1_1"
-  ref = R.randomize_(R.RepViT(name, distillation=True), seed=5, resolution=224).eval()
+  ref = randomize_repvit_(R.RepViT(name, distillation=True), seed=5, resolution=224).eval()
   assert len(ref.state_dict()) == 659              # as the reference notes count for M1.1
   x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
   expected = _torch_logits(ref, x)

@@ -20,20 +20,22 @@ RESOLUTION, BATCH = 64, 4
 
 
 def _repvit(torch):
-  from tests.torch_refs.repvit import RepViT, randomize_
-  ref = randomize_(RepViT("repvit_m0_6", distillation=True), seed=3, resolution=RESOLUTION)
+  from mobilevis_jax.torch_models.repvit import RepViT
+  from tests.helpers import randomize_repvit_
+  ref = randomize_repvit_(RepViT("repvit_m0_6", distillation=True), seed=3, resolution=RESOLUTION)
   return ref, "official", dict(distillation=True), {}
 
 
 def _mobilevig(torch):
-  from tests.torch_refs.mobilevig import build, randomize_bn_
-  return randomize_bn_(build("mobilevig_ti", drop_path=0.0), seed=3), "official", {}, dict(
+  from mobilevis_jax.torch_models.mobilevig import build
+  from tests.helpers import randomize_mobilevig_
+  return randomize_mobilevig_(build("mobilevig_ti", drop_path=0.0), seed=3), "official", {}, dict(
       drop_path_rate=0.0)
 
 
 def _parameternet(torch):
+  from mobilevis_jax.torch_models.parameternet import parameternet_300m
   from tests.helpers import randomize_bn_
-  from tests.torch_refs.parameternet import parameternet_300m
   return randomize_bn_(parameternet_300m(), seed=3), "official", {}, dict(drop_rate=0.0)
 
 
@@ -45,15 +47,15 @@ def _ghostnet_timm(torch):
 
 
 def _parcnet(torch):
+  from mobilevis_jax.torch_models.parcnet import ParCNetRef
   from tests.helpers import randomize_bn_
-  from tests.torch_refs.parcnet import ParCNetRef
   ref = ParCNetRef("xs")
   randomize_bn_(ref, seed=3)
   return ref, "official", {}, dict(drop_rate=0.0, ffn_dropout=0.0)
 
 
 def _parc_convnets(torch):
-  from tests.torch_refs import parc_convnets as refs
+  from mobilevis_jax.torch_models import parc_convnets as refs
   ref = refs.parc_mobilenetv2(resample=True)
   from tests.helpers import randomize_bn_
   randomize_bn_(ref, torch.Generator().manual_seed(3))

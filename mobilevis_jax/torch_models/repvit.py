@@ -1,6 +1,7 @@
-"""PyTorch reference for RepViT with the official THU-MIG/RepViT module tree and key names.
+"""PyTorch RepViT with the official THU-MIG/RepViT module tree and key names.
 
-Written for the tests (not taken from the official repository): it reproduces the structure the
+Our own code (not taken from the official repository), the parity reference of the tests and
+the module `mobilevis export --format torch` deploys: it reproduces the structure the
 official checkpoints are saved from -- ``features.0`` is the stem, ``features.1..N`` are the
 config rows (one block each), ``classifier.classifier`` / ``classifier.classifier_dist`` are
 BN->Linear heads -- so that ``state_dict()`` has exactly the official keys and shapes.
@@ -236,44 +237,3 @@ def fuse_model(model: RepViT) -> RepViT:
   fused = copy.deepcopy(model).eval()
   _replace_fusable(fused)
   return fused
-
-
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int = 0, resolution: int = 64) -> nn.Module:
-  """Random weights *and* non-trivial BN statistics, so that parity tests exercise every tensor.
-
-  A fresh model has zero BN gammas in the residual branches and identity running statistics; a
-  port that mixed those tensors up would still match, so all of them are replaced. Weights are
-  fan-in scaled and gammas random; the running statistics are then set to the
-  real batch statistics of a random batch (one train-mode pass with momentum 1), which keeps
-  activations O(1) in eval mode, as in a trained network, instead of growing block after block.
-  """
-  g = torch.Generator().manual_seed(seed)
-  for name, p in model.named_parameters():
-    if p.ndim > 1:
-      p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-    elif name.endswith("bn.weight"):
-      # Gammas the official init zeroes (last BN of each residual branch) stay small, as in a
-      # trained network: a deep stack of full-size random residual branches is chaotic and
-      # turns float32 rounding into 1e-3 logit noise.
-      low, high = (0.05, 0.3) if bool((p == 0).all()) else (0.5, 1.5)
-      p.copy_(low + (high - low) * torch.rand(p.shape, generator=g))
-    else:
-      p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-  bns = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
-  saved = [m.momentum for m in bns]
-  for m in bns:
-    m.momentum = 1.0
-  was_training = model.training
-  model.train()
-  model(torch.randn(8, 3, resolution, resolution, generator=g))
-  model.train(was_training)
-  for m, momentum in zip(bns, saved):
-    m.momentum = momentum
-    m.num_batches_tracked.zero_()
-    if isinstance(m, nn.BatchNorm1d):
-      # Pooled features of noise images barely differ from image to image, so their batch
-      # variance is tiny and the head would amplify float32 rounding ~1e3x; normalising by the
-      # second moment instead keeps the logits well conditioned.
-      m.running_var.add_(m.running_mean ** 2)
-  return model

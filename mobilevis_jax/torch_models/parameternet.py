@@ -1,6 +1,6 @@
-"""PyTorch reference for ParameterNet with the official module tree and key names.
+"""PyTorch ParameterNet / GhostNet with the official module tree and key names.
 
-Written for the tests (not taken from the official repository, which needs timm 0.4.x): it
+Our own code (not taken from the official repository, which needs timm 0.4.x): it
 reproduces the structure of ``parameternet_pytorch/cv/parameternet.py`` so that ``state_dict()``
 has the official keys and shapes -- ``conv_stem``/``bn1``, ``blocks.<group>.<row>`` Ghost
 bottlenecks (``ghost1``/``ghost2`` with ``primary_conv.{0,1}`` and ``cheap_operation.{0,1}``,

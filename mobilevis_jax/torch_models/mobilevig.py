@@ -1,4 +1,4 @@
-"""PyTorch reference of MobileViG (SLDGroup/MobileViG, ``models/mobilevig.py``) for parity tests.
+"""PyTorch MobileViG (SLDGroup/MobileViG, ``models/mobilevig.py``): parity reference and export target.
 
 Written from the architecture description, not copied: it reproduces the official module tree so
 that ``state_dict()`` has exactly the official key names and shapes (``stem.stem.N``,
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-from tests.helpers import randomize_bn_ as randomize_bn_stats_
 
 VARIANTS = {
     # name: (local depths, local channels, global depth, global channels, embedding dim)
@@ -185,15 +183,3 @@ class RefMobileViG(nn.Module):
 
 def build(name: str, **kw) -> RefMobileViG:
   return RefMobileViG(*VARIANTS[name], **kw)
-
-
-def randomize_bn_(model: nn.Module, seed: int = 0) -> nn.Module:
-  """``tests.helpers.randomize_bn_``, then layer scales away from 1e-5 so that the MBConv branch
-  contributes visibly to the logits."""
-  g = torch.Generator().manual_seed(seed)
-  randomize_bn_stats_(model, g)
-  with torch.no_grad():
-    for mod in model.modules():
-      if isinstance(mod, RefInvertedResidual):
-        mod.layer_scale_2.copy_(0.5 * torch.randn(mod.layer_scale_2.shape, generator=g))
-  return model

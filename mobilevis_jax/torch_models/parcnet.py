@@ -1,13 +1,19 @@
-"""PyTorch reference of ParC-Net (the "EdgeFormer" classification models of hkzhang91/ParC-Net).
+"""PyTorch ParC-Net (the "EdgeFormer" classification models of hkzhang91/ParC-Net).
 
-Written for the parity tests from the official module tree (``cvnets/models/classification/
-edgeformer.py``, ``cvnets/modules/edgeformer_block.py`` with ``gcc_ca_mf_block`` and
-``outer_frame_v1``); the state_dict keys and parameter counts are the official ones, including
-the top-level ``residual`` attribute that aliases ``layer_5.0``. Only the configuration the
-released models use is reproduced: interpolated meta kernels, PE in the first block of a stage,
-no ParC bias, no channel shuffle. Like the official block it is square-input only.
+Written by us from the official module tree (``cvnets/models/classification/edgeformer.py``,
+``cvnets/modules/edgeformer_block.py`` with ``gcc_ca_mf_block`` and ``outer_frame_v1``); the
+state_dict keys and parameter counts are the official ones, including the top-level ``residual``
+attribute that aliases ``layer_5.0``. Only the configuration the released models use is
+reproduced: interpolated meta kernels, PE in the first block of a stage, no ParC bias, no channel
+shuffle. Unlike the official block, non-square maps are taken (H kernels and PEs are resampled to
+the map height, W ones to its width, as ``mobilevis_jax.models.parcnet`` does); on square maps it
+is the official computation.
 
-Independent of ``mobilevis_jax``: it only depends on torch.
+A *baked* model (``bake_(model, (H, W))``) stores every meta kernel and position embedding
+already resampled to the map sizes of one input resolution, so that its forward pass does no
+interpolation (what a deployment runtime wants) and refuses any other input size.
+
+Independent of the rest of ``mobilevis_jax``: it only depends on torch.
 """
 from __future__ import annotations
 
@@ -110,6 +116,7 @@ class ParCBlock(nn.Module):
       self.meta_pe_2_H = nn.Parameter(torch.randn(1, dim, k, 1))
       self.meta_pe_2_W = nn.Parameter(torch.randn(1, dim, 1, k))
     self.dim = dim
+    self.baked: tuple[int, int] | None = None  # (h, w) once bake_ has resampled the kernels
     self.ffn = nn.Sequential(
         nn.BatchNorm2d(2 * dim), nn.Conv2d(2 * dim, ffn_dim, 1), nn.Hardswish(), nn.Dropout(0.0),
         nn.Conv2d(ffn_dim, 2 * dim, 1), nn.Dropout(dropout))
@@ -117,27 +124,40 @@ class ParCBlock(nn.Module):
 
   @staticmethod
   def _resize(t, n, along_h):
+    if t.shape[2 if along_h else 3] == n:
+      return t
     size = [n, 1] if along_h else [1, n]
     return F.interpolate(t, size, mode="bilinear", align_corners=True)
 
   def forward(self, x):
     x1_in, x2_in = torch.chunk(x, 2, dim=1)
     x1, x2 = x1_in, x2_in
-    n = x1.shape[2]
+    h, w = x1.shape[2], x1.shape[3]
+    if self.baked is not None and (h, w) != self.baked:
+      raise ValueError(f"this ParC block is baked for {self.baked[0]}x{self.baked[1]} maps, "
+                       f"got {h}x{w} (the input resolution differs from the export's)")
     if self.use_pe:
-      x1 = x1 + self._resize(self.meta_pe_1_H, n, True).expand(1, self.dim, n, n)
-      x2 = x2 + self._resize(self.meta_pe_1_W, n, False).expand(1, self.dim, n, n)
-    y1 = circular_conv_nchw(self.pre_Norm_1(x1), self._resize(self.meta_kernel_1_H, n, True), True)
-    y2 = circular_conv_nchw(self.pre_Norm_2(x2), self._resize(self.meta_kernel_1_W, n, False),
+      x1 = x1 + self._resize(self.meta_pe_1_H, h, True).expand(1, self.dim, h, w)
+      x2 = x2 + self._resize(self.meta_pe_1_W, w, False).expand(1, self.dim, h, w)
+    y1 = circular_conv_nchw(self.pre_Norm_1(x1), self._resize(self.meta_kernel_1_H, h, True), True)
+    y2 = circular_conv_nchw(self.pre_Norm_2(x2), self._resize(self.meta_kernel_1_W, w, False),
                             False)
     if self.use_pe:
-      y1 = y1 + self._resize(self.meta_pe_2_W, n, False).expand(1, self.dim, n, n)
-      y2 = y2 + self._resize(self.meta_pe_2_H, n, True).expand(1, self.dim, n, n)
-    y1 = circular_conv_nchw(y1, self._resize(self.meta_kernel_2_W, n, False), False)
-    y2 = circular_conv_nchw(y2, self._resize(self.meta_kernel_2_H, n, True), True)
+      y1 = y1 + self._resize(self.meta_pe_2_W, w, False).expand(1, self.dim, h, w)
+      y2 = y2 + self._resize(self.meta_pe_2_H, h, True).expand(1, self.dim, h, w)
+    y1 = circular_conv_nchw(y1, self._resize(self.meta_kernel_2_W, w, False), False)
+    y2 = circular_conv_nchw(y2, self._resize(self.meta_kernel_2_H, h, True), True)
     # The residual is the block input from before the PE was added.
     z = torch.cat((x1_in + y1, x2_in + y2), dim=1)
     return z + self.ca(self.ffn(z))
+
+  @torch.no_grad()
+  def bake_(self, h: int, w: int) -> None:
+    """Replace the meta kernels and PEs by their resampled ``h`` x ``w`` instances, in place."""
+    for name, p in list(self.named_parameters(recurse=False)):
+      along_h = name.endswith("_H")
+      setattr(self, name, nn.Parameter(self._resize(p, h if along_h else w, along_h).clone()))
+    self.baked = (h, w)
 
 
 class OuterFrame(nn.Module):
@@ -200,3 +220,26 @@ class ParCNetRef(nn.Module):
 
   def forward(self, x):
     return self.classifier(self.conv_1x1_exp(self.forward_features(x)[-1]))
+
+
+def bake_(model: nn.Module, resolution: tuple[int, int]) -> nn.Module:
+  """Bake every :class:`ParCBlock` of ``model`` for ``(H, W)`` inputs, in place; returns it.
+
+  The map size each block sees is found by one forward pass of a zero batch (hooks record it);
+  the kernels and PEs are then resampled exactly as the unbaked forward would resample them.
+  """
+  sizes = {}
+  hooks = [m.register_forward_pre_hook(
+      lambda mod, args: sizes.__setitem__(mod, tuple(args[0].shape[2:])))
+      for m in model.modules() if isinstance(m, ParCBlock)]
+  was_training = model.training
+  try:
+    with torch.no_grad():
+      model.eval()(torch.zeros(1, 3, *resolution))
+  finally:
+    for hook in hooks:
+      hook.remove()
+    model.train(was_training)
+  for block, (h, w) in sizes.items():
+    block.bake_(h, w)
+  return model
