@@ -4,7 +4,8 @@ For each model, on this machine and in this one run, with the two frameworks tim
 per row (so machine load affects both sides of a ratio alike):
 
 * ``fwd``: jitted ``model.apply(train=False)`` against the PyTorch module of the official tree
-  (``mobilevis_jax/torch_models/<family>.py``) in eval mode under ``torch.inference_mode``, channels_last;
+  (``mobilevis_jax/torch_models/<family>.py``)
+  in eval mode under ``torch.inference_mode``, channels_last;
 * ``fwd-fused``: where ``mv.can_fuse`` (RepViT), ``mv.fuse``'s model against the reference's own
   re-parameterisation;
 * ``train``: one step of forward + backward + AdamW (cross-entropy on random labels, BN in train

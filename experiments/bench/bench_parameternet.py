@@ -1,7 +1,8 @@
 """Whole-model forward: the JAX port against the PyTorch reference, dynamic against static.
 
 For ParameterNet-600M, its static twin GhostNet-600M and GhostNet 1.0x, times one forward pass
-(eval mode) of the jitted JAX model and of the PyTorch reference (``mobilevis_jax/torch_models``' official
+(eval mode) of the jitted JAX model and of the PyTorch reference
+(``mobilevis_jax/torch_models``' official
 module tree for the 600M models, timm for GhostNet) on this machine, and prints
 
 * ``torch/jax``: how the port compares with the PyTorch reference (same machine, same run);
@@ -29,7 +30,8 @@ import numpy as np
 
 from mobilevis_jax.timing import median_ms
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # for mobilevis_jax.torch_models
+# for mobilevis_jax.torch_models
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from mobilevis_jax.models import create_model  # noqa: E402
 from mobilevis_jax.models.parameternet import PARAMETERNET_TABLE, GhostNet  # noqa: E402

@@ -1,6 +1,7 @@
 """Whole-model forward of the ParC-ConvNets: jitted JAX vs the PyTorch reference, same run.
 
-For each model, the PyTorch reference of the official module tree (``mobilevis_jax/torch_models``) and the
+For each model, the PyTorch reference of the official module tree
+(``mobilevis_jax/torch_models``) and the
 Flax model loaded from its state_dict are timed on the same batch (inference mode, float32, the
 same device class: XLA:CPU vs PyTorch CPU unless JAX sees a GPU and torch has CUDA). Reported per
 model: median ms per batch for both, the ratio torch / jax (> 1: JAX is faster), JAX's compile

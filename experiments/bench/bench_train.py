@@ -2,7 +2,8 @@
 
 Both sides train the same RepViT (random init, one head) on the same random batch with the
 RepViT recipe's step: label-smoothed cross-entropy, AGC 0.02, AdamW with masked weight decay. The
-PyTorch side is the test reference of the official module tree (mobilevis_jax/torch_models/repvit.py)
+PyTorch side is the test reference of the official module tree
+(mobilevis_jax/torch_models/repvit.py)
 in eager mode. Both are timed in this one run on the same machine; the script prints images/s of
 each and the ratio JAX / PyTorch.
 

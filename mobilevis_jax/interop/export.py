@@ -42,7 +42,8 @@ def parse_resolution(resolution: int | str | tuple[int, int] | None, name: str) 
     else:
       h, w = (int(v) for v in resolution)
   except (TypeError, ValueError):
-    raise ValueError(f"resolution must be H or HxW (e.g. 256 or 256x192), got {resolution!r}") from None
+    raise ValueError(
+        f"resolution must be H or HxW (e.g. 256 or 256x192), got {resolution!r}") from None
   if h < 1 or w < 1:
     raise ValueError(f"resolution must be positive, got {h}x{w}")
   return h, w

@@ -5,7 +5,7 @@ Factories live in the family files and register themselves with :func:`register_
 ``import mobilevis_jax``. A model's family is the stem of the module that registers it
 (``mobilevis_jax.models.repvit`` -> ``'repvit'``), the same stem its interop file
 (``interop/repvit.py``), its tests (``tests/models/test_repvit.py``), its PyTorch reference
-(``tests/torch_refs/repvit.py``) and its benchmark (``bench_repvit.py``) carry.
+(``mobilevis_jax/torch_models/repvit.py``) and its benchmark (``bench_repvit.py``) carry.
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 try:
   import torch  # noqa: F401
 except ImportError as e:
-  raise ImportError("mobilevis_jax.torch_models needs PyTorch: pip install 'mobilevis_jax[torch]'") from e
+  raise ImportError(
+      "mobilevis_jax.torch_models needs PyTorch: pip install 'mobilevis_jax[torch]'") from e
 
 from mobilevis_jax.torch_models.registry import (
   BAKED_FAMILIES,

@@ -57,14 +57,14 @@ def divisible(v: float, divisor: int = 4) -> int:
   return out + divisor if out < 0.9 * v else out
 
 
-def hard_sigmoid(x):
+def hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
   return F.relu6(x + 3.0) / 6.0
 
 
 class CondConv2d(nn.Module):
   """Expert bank ``weight`` [M, P]; ``forward(x, r)`` convolves sample b with ``r[b] @ weight``."""
 
-  def __init__(self, cin, cout, k, stride, padding, groups, num_experts):
+  def __init__(self, cin, cout, k, stride, padding, groups, num_experts) -> None:
     super().__init__()
     self.cin, self.cout, self.k = cin, cout, k
     self.stride, self.padding, self.groups = stride, padding, groups
@@ -73,7 +73,7 @@ class CondConv2d(nn.Module):
     bound = 1.0 / math.sqrt(math.prod(self.kernel_shape[1:]))
     nn.init.uniform_(self.weight, -bound, bound)
 
-  def forward(self, x, r):
+  def forward(self, x, r) -> torch.Tensor:
     b, c, h, w = x.shape
     kernels = (r @ self.weight).view(b * self.cout, self.cin // self.groups, self.k, self.k)
     y = F.conv2d(x.reshape(1, b * c, h, w), kernels, None, self.stride, self.padding,
@@ -84,36 +84,37 @@ class CondConv2d(nn.Module):
 class DynamicConv(nn.Module):
   """routing: GAP -> Linear -> sigmoid, as the official code (no softmax)."""
 
-  def __init__(self, cin, cout, k=1, stride=1, padding=0, groups=1, num_experts=4):
+  def __init__(self, cin, cout, k=1, stride=1, padding=0, groups=1, num_experts=4) -> None:
     super().__init__()
     self.routing = nn.Linear(cin, num_experts)
     self.cond_conv = CondConv2d(cin, cout, k, stride, padding, groups, num_experts)
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     r = torch.sigmoid(self.routing(F.adaptive_avg_pool2d(x, 1).flatten(1)))
     return self.cond_conv(x, r)
 
 
-def make_conv(dynamic, num_experts, cin, cout, k=1, stride=1, padding=0, groups=1):
+def make_conv(dynamic: bool, num_experts: int, cin: int, cout: int, k: int = 1, stride: int = 1,
+              padding: int = 0, groups: int = 1) -> nn.Module:
   if dynamic:
     return DynamicConv(cin, cout, k, stride, padding, groups, num_experts)
   return nn.Conv2d(cin, cout, k, stride, padding, groups=groups, bias=False)
 
 
 class SqueezeExcite(nn.Module):
-  def __init__(self, chs, rd, act_layer):
+  def __init__(self, chs, rd, act_layer) -> None:
     super().__init__()
     self.conv_reduce = nn.Conv2d(chs, rd, 1, bias=True)
     self.act1 = act_layer()
     self.conv_expand = nn.Conv2d(rd, chs, 1, bias=True)
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     s = self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True))))
     return x * hard_sigmoid(s)
 
 
 class GhostModule(nn.Module):
-  def __init__(self, cin, cout, act_layer, dynamic, num_experts):
+  def __init__(self, cin, cout, act_layer, dynamic, num_experts) -> None:
     super().__init__()
     self.cout = cout
     init = math.ceil(cout / 2)
@@ -124,13 +125,13 @@ class GhostModule(nn.Module):
         make_conv(dynamic, num_experts, init, init, 3, 1, 1, groups=init), nn.BatchNorm2d(init),
         act())
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     a = self.primary_conv(x)
     return torch.cat([a, self.cheap_operation(a)], 1)[:, :self.cout]
 
 
 class GhostBottleneck(nn.Module):
-  def __init__(self, cin, mid, cout, k, stride, se_ratio, act_layer, dynamic, num_experts):
+  def __init__(self, cin, mid, cout, k, stride, se_ratio, act_layer, dynamic, num_experts) -> None:
     super().__init__()
     self.ghost1 = GhostModule(cin, mid, act_layer, dynamic, num_experts)
     if stride > 1:
@@ -148,7 +149,7 @@ class GhostBottleneck(nn.Module):
           nn.BatchNorm2d(cin), make_conv(dynamic, num_experts, cin, cout, 1, 1, 0),
           nn.BatchNorm2d(cout))
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     y = self.ghost1(x)
     if self.conv_dw is not None:
       y = self.bn_dw(self.conv_dw(y))
@@ -158,19 +159,19 @@ class GhostBottleneck(nn.Module):
 
 
 class ConvBnAct(nn.Module):
-  def __init__(self, cin, cout, act_layer, dynamic, num_experts):
+  def __init__(self, cin, cout, act_layer, dynamic, num_experts) -> None:
     super().__init__()
     self.conv = make_conv(dynamic, num_experts, cin, cout, 1, 1, 0)
     self.bn1 = nn.BatchNorm2d(cout)
     self.act1 = act_layer()
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     return self.act1(self.bn1(self.conv(x)))
 
 
 class ParameterNet(nn.Module):
   def __init__(self, rows=PARAMETERNET_ROWS, width=1.9, act_layer=nn.Hardswish, dynamic=True,
-               num_experts=4, num_classes=1000):
+               num_experts=4, num_classes=1000) -> None:
     super().__init__()
     stem = divisible(16 * width)
     self.conv_stem = make_conv(dynamic, num_experts, 3, stem, 3, 2, 1)
@@ -193,7 +194,7 @@ class ParameterNet(nn.Module):
     self.act2 = act_layer()
     self.classifier = nn.Linear(1280, num_classes)
 
-  def forward_stages(self, x):
+  def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
     """Outputs of every ``blocks.<i>`` (for the features_only check)."""
     x = self.act1(self.bn1(self.conv_stem(x)))
     outs = []
@@ -202,25 +203,25 @@ class ParameterNet(nn.Module):
       outs.append(x)
     return outs
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     x = self.forward_stages(x)[-1]
     x = self.act2(self.conv_head(self.global_pool(x)))
     return self.classifier(x.flatten(1))
 
 
-def parameternet_600m(num_experts=4, num_classes=1000):
+def parameternet_600m(num_experts: int = 4, num_classes: int = 1000) -> ParameterNet:
   return ParameterNet(width=1.9, dynamic=True, num_experts=num_experts, num_classes=num_classes)
 
 
-def ghostnet_600m(num_classes=1000):
+def ghostnet_600m(num_classes: int = 1000) -> ParameterNet:
   return ParameterNet(width=1.9, dynamic=False, num_classes=num_classes)
 
 
-def parameternet_300m(num_experts=4, num_classes=1000):
+def parameternet_300m(num_experts: int = 4, num_classes: int = 1000) -> ParameterNet:
   """The derived 300M model (see the JAX docstring): GhostNet's table at width 1.45, Hardswish."""
   return ParameterNet(GHOSTNET_ROWS, width=1.45, dynamic=True, num_experts=num_experts,
                       num_classes=num_classes)
 
 
-def ghostnet_300m(num_classes=1000):
+def ghostnet_300m(num_classes: int = 1000) -> ParameterNet:
   return ParameterNet(GHOSTNET_ROWS, width=1.45, dynamic=False, num_classes=num_classes)

@@ -1,6 +1,7 @@
 """PyTorch modules of the official ParC-ConvNets (hkzhang91/ParC-Net, `ParC_ConvNets/`).
 
-Our own code, the parity reference of `mobilevis_jax.models.parc_convnets` and its export target: it rebuilds the official
+Our own code, the parity reference of `mobilevis_jax.models.parc_convnets` and its export target:
+it rebuilds the official
 module trees (ParC-ConvNeXt-XT, ParC-ResNet50, ParC-MobileNetV2) so that `state_dict()` has the
 official key names and shapes, and computes the same forward pass.
 
@@ -41,7 +42,7 @@ class ParCOperator(nn.Module):
   """
 
   def __init__(self, dim: int, direction: str, kernel_size: int, use_pe: bool = True,
-               groups: int | None = None, resample: bool = False):
+               groups: int | None = None, resample: bool = False) -> None:
     super().__init__()
     if direction not in ("H", "W"):
       raise ValueError(f"direction must be 'H' or 'W', got {direction!r}")
@@ -126,13 +127,13 @@ def _parc_pair(module: nn.Module, x: torch.Tensor, name_h: str, name_w: str) -> 
 class ChannelsFirstLayerNorm(nn.Module):
   """ConvNeXt LayerNorm over the channel axis of an NCHW tensor (keys `weight`, `bias`)."""
 
-  def __init__(self, dim: int, eps: float = 1e-6):
+  def __init__(self, dim: int, eps: float = 1e-6) -> None:
     super().__init__()
     self.weight = nn.Parameter(torch.ones(dim))
     self.bias = nn.Parameter(torch.zeros(dim))
     self.eps = eps
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     mean = x.mean(1, keepdim=True)
     var = (x - mean).pow(2).mean(1, keepdim=True)
     x = (x - mean) / torch.sqrt(var + self.eps)
@@ -156,29 +157,31 @@ class _ConvNeXtMlp(nn.Module):
 
 
 class ConvNeXtBlock(_ConvNeXtMlp):
-  def __init__(self, dim: int, ls_init: float = 1e-6):
+  def __init__(self, dim: int, ls_init: float = 1e-6) -> None:
     super().__init__()
     self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
     self._init_mlp(dim, ls_init)
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     return x + self._mlp(self.dwconv(x))
 
 
 class ParCConvNeXtBlock(_ConvNeXtMlp):
-  def __init__(self, dim: int, kernel_size: int, ls_init: float = 1e-6, resample: bool = False):
+  def __init__(self, dim: int, kernel_size: int, ls_init: float = 1e-6,
+               resample: bool = False) -> None:
     super().__init__()
     self.gcc_H = ParCOperator(dim // 2, "H", kernel_size, True, resample=resample)
     self.gcc_W = ParCOperator(dim // 2, "W", kernel_size, True, resample=resample)
     self._init_mlp(dim, ls_init)
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     return x + self._mlp(_parc_pair(self, x, "gcc_H", "gcc_W"))
 
 
 class ParCConvNeXt(nn.Module):
   def __init__(self, depths=(3, 3, 9, 3), dims=(48, 96, 192, 384), parc_start=(3, 3, 6, 2),
-               kernel_sizes=(56, 28, 14, 7), num_classes: int = 1000, resample: bool = False):
+               kernel_sizes=(56, 28, 14, 7), num_classes: int = 1000,
+               resample: bool = False) -> None:
     super().__init__()
     self.downsample_layers = nn.ModuleList()
     self.downsample_layers.append(nn.Sequential(
@@ -198,7 +201,7 @@ class ParCConvNeXt(nn.Module):
         nn.init.trunc_normal_(m.weight, std=0.02)
         nn.init.zeros_(m.bias)
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     for down, stage in zip(self.downsample_layers, self.stages):
       x = stage(down(x))
     return self.head(self.norm(x.mean((-2, -1))))
@@ -211,7 +214,7 @@ class Bottleneck(nn.Module):
   expansion = 4
 
   def __init__(self, inplanes: int, planes: int, stride: int = 1,
-               downsample: nn.Module | None = None):
+               downsample: nn.Module | None = None) -> None:
     super().__init__()
     self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
     self.bn1 = nn.BatchNorm2d(planes)
@@ -225,7 +228,7 @@ class Bottleneck(nn.Module):
   def _mid(self, out):
     return self.conv2(out)
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     out = self.relu(self.bn1(self.conv1(x)))
     out = self.relu(self.bn2(self._mid(out)))
     out = self.bn3(self.conv3(out))
@@ -236,7 +239,7 @@ class Bottleneck(nn.Module):
 class ParCBottleneck(Bottleneck):
   """Bottleneck whose 3x3 conv is a dense ParC-H / ParC-W pair (official `ParC_block`)."""
 
-  def __init__(self, inplanes: int, planes: int, kernel_size: int, resample: bool = False):
+  def __init__(self, inplanes: int, planes: int, kernel_size: int, resample: bool = False) -> None:
     nn.Module.__init__(self)
     self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
     self.bn1 = nn.BatchNorm2d(planes)
@@ -255,7 +258,7 @@ class ParCBottleneck(Bottleneck):
 
 class ParCResNet(nn.Module):
   def __init__(self, layers=(3, 4, 6, 3), parc_start=(3, 4, 3, 2), kernel_sizes=(56, 28, 14, 7),
-               num_classes: int = 1000, resample: bool = False):
+               num_classes: int = 1000, resample: bool = False) -> None:
     super().__init__()
     self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
     self.bn1 = nn.BatchNorm2d(64)
@@ -275,7 +278,7 @@ class ParCResNet(nn.Module):
       setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
     self.fc = nn.Linear(2048, num_classes)
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
     for i in range(1, 5):
       x = getattr(self, f"layer{i}")(x)
@@ -286,7 +289,8 @@ class ParCResNet(nn.Module):
 
 
 class ConvBNReLU6(nn.Sequential):
-  def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, groups: int = 1):
+  def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1,
+               groups: int = 1) -> None:
     super().__init__(
         nn.Conv2d(cin, cout, kernel_size, stride, (kernel_size - 1) // 2, groups=groups,
                   bias=False),
@@ -294,7 +298,7 @@ class ConvBNReLU6(nn.Sequential):
 
 
 class InvertedResidual(nn.Module):
-  def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int):
+  def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int) -> None:
     super().__init__()
     hidden = int(round(inp * expand_ratio))
     self.use_res_connect = stride == 1 and inp == oup
@@ -305,7 +309,7 @@ class InvertedResidual(nn.Module):
                nn.Conv2d(hidden, oup, 1, bias=False), nn.BatchNorm2d(oup)]
     self.conv = nn.Sequential(*layers)
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
@@ -314,7 +318,7 @@ class ParCInvertedResidual(nn.Module):
   `InvertedResidual_parc`)."""
 
   def __init__(self, inp: int, oup: int, expand_ratio: int, kernel_size: int, use_pe: bool,
-               resample: bool = False):
+               resample: bool = False) -> None:
     super().__init__()
     hidden = int(round(inp * expand_ratio))
     self.use_res_connect = inp == oup
@@ -325,7 +329,7 @@ class ParCInvertedResidual(nn.Module):
     self.act = nn.ReLU6()
     self.pw_linear = nn.Sequential(nn.Conv2d(hidden, oup, 1, bias=False), nn.BatchNorm2d(oup))
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     out = _parc_pair(self, self.pw_expand(x), "gcc_H", "gcc_W")
     out = self.pw_linear(self.act(self.bn(out)))
     return x + out if self.use_res_connect else out
@@ -344,7 +348,7 @@ MOBILENETV2_SETTING = (
 
 
 class ParCMobileNetV2(nn.Module):
-  def __init__(self, num_classes: int = 1000, resample: bool = False):
+  def __init__(self, num_classes: int = 1000, resample: bool = False) -> None:
     super().__init__()
     features: list[nn.Module] = [ConvBNReLU6(3, 32, 3, 2)]
     cin = 32
@@ -360,7 +364,7 @@ class ParCMobileNetV2(nn.Module):
     self.features = nn.Sequential(*features)
     self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, num_classes))
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     return self.classifier(self.features(x).mean((-2, -1)))
 
 

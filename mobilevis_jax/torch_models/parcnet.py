@@ -35,7 +35,7 @@ CONFIGS = {
 }
 
 
-def make_divisible(v, divisor=8):
+def make_divisible(v: float, divisor: int = 8) -> int:
   new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
   if new_v < 0.9 * v:
     new_v += divisor
@@ -45,7 +45,7 @@ def make_divisible(v, divisor=8):
 class ConvLayer(nn.Module):
   """cvnets ConvLayer: ``block.conv`` (+ ``block.norm``, ``block.act``), padding (k-1)//2."""
 
-  def __init__(self, cin, cout, k, stride=1, groups=1, norm=True, act=True):
+  def __init__(self, cin, cout, k, stride=1, groups=1, norm=True, act=True) -> None:
     super().__init__()
     parts = [("conv", nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False))]
     if norm:
@@ -54,12 +54,12 @@ class ConvLayer(nn.Module):
       parts.append(("act", nn.SiLU()))
     self.block = nn.Sequential(OrderedDict(parts))
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     return self.block(x)
 
 
 class InvertedResidual(nn.Module):
-  def __init__(self, cin, cout, stride, expand_ratio=4):
+  def __init__(self, cin, cout, stride, expand_ratio=4) -> None:
     super().__init__()
     hidden = make_divisible(int(round(cin * expand_ratio)), 8)
     self.block = nn.Sequential(OrderedDict([
@@ -69,7 +69,7 @@ class InvertedResidual(nn.Module):
     ]))
     self.use_res = stride == 1 and cin == cout
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     y = self.block(x)
     return x + y if self.use_res else y
 
@@ -77,18 +77,18 @@ class InvertedResidual(nn.Module):
 class ChannelAttention(nn.Module):
   """CA_layer: GAP -> 1x1 (C/16) -> BN -> Hardswish -> 1x1 (C) -> BN -> Hardsigmoid -> scale."""
 
-  def __init__(self, c, reduction=16):
+  def __init__(self, c, reduction=16) -> None:
     super().__init__()
     self.gap = nn.AdaptiveAvgPool2d(1)
     self.fc = nn.Sequential(
         nn.Conv2d(c, c // reduction, 1, bias=False), nn.BatchNorm2d(c // reduction), nn.Hardswish(),
         nn.Conv2d(c // reduction, c, 1, bias=False), nn.BatchNorm2d(c), nn.Hardsigmoid())
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     return x * self.fc(self.gap(x))
 
 
-def circular_conv_nchw(x, weight, along_h):
+def circular_conv_nchw(x: torch.Tensor, weight: torch.Tensor, along_h: bool) -> torch.Tensor:
   """Official circular padding trick: append the first n-1 rows/cols, VALID depthwise conv."""
   if along_h:
     x = torch.cat((x, x[:, :, :-1, :]), dim=2)
@@ -100,7 +100,7 @@ def circular_conv_nchw(x, weight, along_h):
 class ParCBlock(nn.Module):
   """gcc_ca_mf_block with interpolated instance kernels (no bias, no mid mix)."""
 
-  def __init__(self, dim, meta_kernel_size, ffn_dim, use_pe, dropout=0.1):
+  def __init__(self, dim, meta_kernel_size, ffn_dim, use_pe, dropout=0.1) -> None:
     super().__init__()
     k = meta_kernel_size
     self.pre_Norm_1 = nn.BatchNorm2d(dim)
@@ -129,7 +129,7 @@ class ParCBlock(nn.Module):
     size = [n, 1] if along_h else [1, n]
     return F.interpolate(t, size, mode="bilinear", align_corners=True)
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     x1_in, x2_in = torch.chunk(x, 2, dim=1)
     x1, x2 = x1_in, x2_in
     h, w = x1.shape[2], x1.shape[3]
@@ -163,7 +163,7 @@ class ParCBlock(nn.Module):
 class OuterFrame(nn.Module):
   """outer_frame_v1: dim_adaptive -> N ParC blocks + BN -> channel_adaptive -> fusion."""
 
-  def __init__(self, c, cs, ffn_dim, n_blocks, meta_kernel_size, fusion):
+  def __init__(self, c, cs, ffn_dim, n_blocks, meta_kernel_size, fusion) -> None:
     super().__init__()
     g = math.gcd(cs, c)
     self.dim_adaptive = nn.Sequential(ConvLayer(c, cs, 3, groups=g),
@@ -175,7 +175,7 @@ class OuterFrame(nn.Module):
     self.local_global_fusion = ConvLayer(c if fusion == "add" else 2 * c, c, 3)
     self.fusion = fusion
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     y = self.channel_adaptive(self.spatial_global_rep(self.dim_adaptive(x)))
     if self.fusion == "add":
       return self.local_global_fusion(x + y)
@@ -183,12 +183,12 @@ class OuterFrame(nn.Module):
 
 
 class GlobalPool(nn.Module):
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     return x.mean(dim=(2, 3))
 
 
 class ParCNetRef(nn.Module):
-  def __init__(self, scale="s", num_classes=1000):
+  def __init__(self, scale="s", num_classes=1000) -> None:
     super().__init__()
     cfg = CONFIGS[scale]
     w0, w1, w2 = cfg["widths"]
@@ -210,7 +210,7 @@ class ParCNetRef(nn.Module):
         ("global_pool", GlobalPool()), ("dropout", nn.Dropout(0.2)),
         ("fc", nn.Linear(exp, num_classes))]))
 
-  def forward_features(self, x):
+  def forward_features(self, x) -> torch.Tensor:
     feats = []
     x = self.layer_1(self.conv_1(x))
     for layer in (self.layer_2, self.layer_3, self.layer_4, self.layer_5):
@@ -218,7 +218,7 @@ class ParCNetRef(nn.Module):
       feats.append(x)
     return feats
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     return self.classifier(self.conv_1x1_exp(self.forward_features(x)[-1]))
 
 

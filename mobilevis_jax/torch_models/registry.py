@@ -111,7 +111,8 @@ for _n in repvit.ROW_TABLES:
 for _n in mobilevig.VARIANTS:
   _MODELS[_n] = ("mobilevig", _mobilevig, "official")
 for _n in _GHOSTNETS:
-  _MODELS[_n] = ("parameternet", _parameternet, "official" if _n.startswith("parameternet") else "timm")
+  _MODELS[_n] = ("parameternet", _parameternet,
+                 "official" if _n.startswith("parameternet") else "timm")
 for _n in parcnet.CONFIGS:
   _MODELS[f"parcnet_{_n}"] = ("parcnet", _parcnet, "official")
 for _n in parc_convnets.BUILDERS:

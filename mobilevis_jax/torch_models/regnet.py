@@ -8,6 +8,7 @@ Inference only: no stochastic depth and no timm initialisation.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 # name: (((width, depth) per stage), group width); every Y model has SE ratio 0.25 (of the block
@@ -23,29 +24,29 @@ class ConvNormAct(nn.Module):
   """timm ``ConvNormAct``: ``conv`` (no bias, symmetric padding ``k // 2``) + ``bn`` (+ ReLU)."""
 
   def __init__(self, cin: int, cout: int, k: int, stride: int = 1, groups: int = 1,
-               act: bool = True):
+               act: bool = True) -> None:
     super().__init__()
     self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False)
     self.bn = nn.BatchNorm2d(cout)
     self.act = nn.ReLU() if act else nn.Identity()
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     return self.act(self.bn(self.conv(x)))
 
 
 class SEModule(nn.Module):
-  def __init__(self, channels: int, rd_channels: int):
+  def __init__(self, channels: int, rd_channels: int) -> None:
     super().__init__()
     self.fc1 = nn.Conv2d(channels, rd_channels, 1)
     self.act = nn.ReLU()
     self.fc2 = nn.Conv2d(rd_channels, channels, 1)
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     return x * self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))).sigmoid()
 
 
 class Bottleneck(nn.Module):
-  def __init__(self, cin: int, width: int, stride: int, group_size: int, se_ratio: float):
+  def __init__(self, cin: int, width: int, stride: int, group_size: int, se_ratio: float) -> None:
     super().__init__()
     self.conv1 = ConvNormAct(cin, width, 1)
     self.conv2 = ConvNormAct(width, width, 3, stride, groups=width // group_size)
@@ -56,23 +57,23 @@ class Bottleneck(nn.Module):
                        if cin != width or stride != 1 else None)
     self.act3 = nn.ReLU()
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     y = self.conv3(self.se(self.conv2(self.conv1(x))))
     return self.act3(y + (x if self.downsample is None else self.downsample(x)))
 
 
 class Head(nn.Module):
-  def __init__(self, cin: int, num_classes: int):
+  def __init__(self, cin: int, num_classes: int) -> None:
     super().__init__()
     self.fc = nn.Linear(cin, num_classes)
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     return self.fc(x.mean((2, 3)))
 
 
 class RegNet(nn.Module):
   def __init__(self, stages, group_size: int, se_ratio: float = 0.25, stem_width: int = 32,
-               num_classes: int = 1000):
+               num_classes: int = 1000) -> None:
     super().__init__()
     self.stem = ConvNormAct(3, stem_width, 3, 2)
     cin = stem_width
@@ -86,7 +87,7 @@ class RegNet(nn.Module):
     self.num_stages = len(stages)
     self.head = Head(cin, num_classes)
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     x = self.stem(x)
     for i in range(self.num_stages):
       x = getattr(self, f"s{i + 1}")(x)

@@ -46,7 +46,7 @@ def _divisible(v: float, divisor: int = 8) -> int:
 
 
 class Conv2d_BN(nn.Sequential):  # the official class name
-  def __init__(self, cin, cout, ks=1, stride=1, pad=0, groups=1, bn_weight_init=1.0):
+  def __init__(self, cin, cout, ks=1, stride=1, pad=0, groups=1, bn_weight_init=1.0) -> None:
     super().__init__()
     self.add_module("c", nn.Conv2d(cin, cout, ks, stride, pad, groups=groups, bias=False))
     self.add_module("bn", nn.BatchNorm2d(cout))
@@ -67,31 +67,31 @@ class Conv2d_BN(nn.Sequential):  # the official class name
 class SqueezeExcite(nn.Module):
   """timm's SEModule(C, 0.25): keys ``fc1``/``fc2`` (1x1 convs with bias)."""
 
-  def __init__(self, channels):
+  def __init__(self, channels) -> None:
     super().__init__()
     rd = _divisible(channels * 0.25)
     self.fc1 = nn.Conv2d(channels, rd, 1, bias=True)
     self.act = nn.ReLU()
     self.fc2 = nn.Conv2d(rd, channels, 1, bias=True)
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     s = x.mean((2, 3), keepdim=True)
     return x * torch.sigmoid(self.fc2(self.act(self.fc1(s))))
 
 
 class Residual(nn.Module):
-  def __init__(self, m):
+  def __init__(self, m) -> None:
     super().__init__()
     self.m = m
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     return x + self.m(x)
 
 
 class RepVGGDW(nn.Module):
   """BN(dw3x3-BN(x) + dw1x1(x) + x); legacy: dw3x3-BN(x) + dw1x1-BN(x) + x."""
 
-  def __init__(self, dim, legacy=False):
+  def __init__(self, dim, legacy=False) -> None:
     super().__init__()
     self.legacy = legacy
     self.conv = Conv2d_BN(dim, dim, 3, 1, 1, groups=dim)
@@ -101,7 +101,7 @@ class RepVGGDW(nn.Module):
       self.conv1 = nn.Conv2d(dim, dim, 1, 1, 0, groups=dim, bias=True)
       self.bn = nn.BatchNorm2d(dim)
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     y = self.conv(x) + self.conv1(x) + x
     return y if self.legacy else self.bn(y)
 
@@ -127,7 +127,7 @@ def _ffn(dim):
 
 
 class RepViTBlock(nn.Module):
-  def __init__(self, cin, cout, stride, use_se, legacy):
+  def __init__(self, cin, cout, stride, use_se, legacy) -> None:
     super().__init__()
     if stride == 2:
       self.token_mixer = nn.Sequential(
@@ -140,12 +140,12 @@ class RepViTBlock(nn.Module):
                                        SqueezeExcite(cin) if use_se else nn.Identity())
     self.channel_mixer = _ffn(cout)
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     return self.channel_mixer(self.token_mixer(x))
 
 
 class BN_Linear(nn.Sequential):  # the official class name
-  def __init__(self, cin, cout):
+  def __init__(self, cin, cout) -> None:
     super().__init__()
     self.add_module("bn", nn.BatchNorm1d(cin))
     self.add_module("l", nn.Linear(cin, cout))
@@ -164,14 +164,14 @@ class BN_Linear(nn.Sequential):  # the official class name
 
 
 class Classfier(nn.Module):  # the official (misspelt) name
-  def __init__(self, dim, num_classes, distillation):
+  def __init__(self, dim, num_classes, distillation) -> None:
     super().__init__()
     self.distillation = distillation
     self.classifier = BN_Linear(dim, num_classes)
     if distillation:
       self.classifier_dist = BN_Linear(dim, num_classes)
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     if not self.distillation:
       return self.classifier(x)
     a, b = self.classifier(x), self.classifier_dist(x)
@@ -188,7 +188,7 @@ class Classfier(nn.Module):  # the official (misspelt) name
 
 
 class RepViT(nn.Module):
-  def __init__(self, name: str, num_classes: int = 1000, distillation: bool = False):
+  def __init__(self, name: str, num_classes: int = 1000, distillation: bool = False) -> None:
     super().__init__()
     table, legacy = ROW_TABLES[name], name in LEGACY
     width = table[0][0]
@@ -201,12 +201,12 @@ class RepViT(nn.Module):
     self.features = nn.ModuleList(layers)
     self.classifier = Classfier(width, num_classes, distillation)
 
-  def forward_features(self, x):
+  def forward_features(self, x) -> torch.Tensor:
     for f in self.features:
       x = f(x)
     return x
 
-  def forward(self, x):
+  def forward(self, x) -> torch.Tensor:
     return self.classifier(self.forward_features(x).mean((2, 3)))
 
 
