@@ -186,7 +186,9 @@ def test_regnety_160_jax_to_timm(regnety_160):
 def small_ref():
   timm = pytest.importorskip("timm")
   pytest.importorskip("torch")
-  return _randomize_torch(timm.create_model(SMALL), seed=3)
+  # eval(): timm builds models in train mode, and a test must not depend on which others ran first
+  # in its process (under xdist, test_train_mode_parity_and_batch_stats may run elsewhere).
+  return _randomize_torch(timm.create_model(SMALL), seed=3).eval()
 
 
 def test_train_mode_parity_and_batch_stats(small_ref):
