@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mobilevis_jax.torch_models.common import input_shapes
+
 # --------------------------------------------------------------------------- ParC operator
 
 
@@ -96,22 +98,10 @@ class ParCOperator(nn.Module):
 def bake_(model: nn.Module, resolution: tuple[int, int]) -> nn.Module:
   """Bake every :class:`ParCOperator` of ``model`` for ``(H, W)`` inputs, in place; returns it.
 
-  The length each operator sees is found by one forward pass of a zero batch (hooks record it).
+  The length each operator sees is its input shape (`common.input_shapes`).
   """
-  lengths = {}
-  hooks = [m.register_forward_pre_hook(
-      lambda mod, args: lengths.__setitem__(mod, args[0].shape[2 if mod.direction == "H" else 3]))
-      for m in model.modules() if isinstance(m, ParCOperator)]
-  was_training = model.training
-  try:
-    with torch.no_grad():
-      model.eval()(torch.zeros(1, 3, *resolution))
-  finally:
-    for hook in hooks:
-      hook.remove()
-    model.train(was_training)
-  for op, n in lengths.items():
-    op.bake_(n)
+  for op, shape in input_shapes(model, resolution, ParCOperator).items():
+    op.bake_(shape[2 if op.direction == "H" else 3])
   return model
 
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mobilevis_jax.torch_models.common import input_shapes
+
 # scale -> (stem kernel, stem/layer_1/layer_2 widths, per stage (C, Cs, F, blocks, K), fusion)
 CONFIGS = {
     "xs": dict(stem_kernel=3, widths=(16, 32, 64), fusion="add",
@@ -225,21 +227,9 @@ class ParCNetRef(nn.Module):
 def bake_(model: nn.Module, resolution: tuple[int, int]) -> nn.Module:
   """Bake every :class:`ParCBlock` of ``model`` for ``(H, W)`` inputs, in place; returns it.
 
-  The map size each block sees is found by one forward pass of a zero batch (hooks record it);
+  The map size each block sees is its input shape (`common.input_shapes`);
   the kernels and PEs are then resampled exactly as the unbaked forward would resample them.
   """
-  sizes = {}
-  hooks = [m.register_forward_pre_hook(
-      lambda mod, args: sizes.__setitem__(mod, tuple(args[0].shape[2:])))
-      for m in model.modules() if isinstance(m, ParCBlock)]
-  was_training = model.training
-  try:
-    with torch.no_grad():
-      model.eval()(torch.zeros(1, 3, *resolution))
-  finally:
-    for hook in hooks:
-      hook.remove()
-    model.train(was_training)
-  for block, (h, w) in sizes.items():
-    block.bake_(h, w)
+  for block, shape in input_shapes(model, resolution, ParCBlock).items():
+    block.bake_(shape[2], shape[3])
   return model
