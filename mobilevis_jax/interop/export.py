@@ -87,32 +87,23 @@ def _check_resolution(name: str, model, variables, resolution: tuple[int, int]) 
                      f"{feats.shape[1]}x{feats.shape[2]}")
 
 
-def export_torch(name: str, variables: Mapping, path: str | os.PathLike, *,
-                 resolution: int | str | tuple[int, int] | None = None, fuse: bool = True,
-                 metadata: Mapping[str, str] | None = None, **model_kwargs: Any) -> dict:
-  """Write model ``name`` with ``variables`` as a deployable PyTorch file at ``path``.
+def deployable_torch_module(name: str, variables: Mapping, *,
+                            resolution: int | str | tuple[int, int] | None = None,
+                            fuse: bool = True, **model_kwargs: Any) -> tuple[Any, dict]:
+  """The deployable packaged PyTorch module of ``name`` with ``variables`` (eval mode).
 
-  Args:
-    name: a registered model name.
-    variables: its Flax variables (``params`` and ``batch_stats``), unfused; those of another
-      model (or other kwargs) are a StateDictError naming the leaves that differ.
-    path: a ``.safetensors`` file in an existing directory. Written under a temporary name and
-      renamed, so a failed export leaves nothing at ``path`` (an existing file stays as it was).
-    resolution: the input size the file is for (``H``, ``'HxW'`` or ``(H, W)``; default: the
-      model's). The ParC families bake their kernels for it; every model is run at it once in
-      PyTorch before the file is written.
-    fuse: write the fused form where the family has one (RepViT); ignored for the others.
-    metadata: extra strings for the file header.
-    **model_kwargs: how the variables were created (``num_classes``, ``distillation``, ...).
+  The one place that builds what every export format deploys (``export_torch``, Core ML, the
+  PyTorch latency runner): variables and resolution checked against the JAX model, fused where
+  the family has a structural re-parameterisation and ``fuse`` is set, ParC kernels baked for
+  ``resolution``, and the module run once on a zero batch of that size.
 
   Returns:
-    The header written (model, kwargs, resolution, fused, baked, layout).
+    ``(module, info)`` with ``info = {'resolution': (H, W), 'fused': bool, 'baked': bool}``.
   """
   import torch
 
   from mobilevis_jax import torch_models
 
-  path = torch_models.check_output_path(path)
   hw = parse_resolution(resolution, name)
   model = registry.create_model(name, **model_kwargs)
   _check_variables(name, model, variables, model_kwargs)
@@ -137,11 +128,40 @@ def export_torch(name: str, variables: Mapping, path: str | os.PathLike, *,
     raise ValueError(f"{name} cannot take a {hw[0]}x{hw[1]} input in PyTorch: {e}") from e
   if not isinstance(out, torch.Tensor) or out.ndim != 2:
     raise RuntimeError(f"{name}: the exported module returned {type(out).__name__}, not logits")
+  return module, {"resolution": hw, "fused": fused, "baked": baked}
+
+
+def export_torch(name: str, variables: Mapping, path: str | os.PathLike, *,
+                 resolution: int | str | tuple[int, int] | None = None, fuse: bool = True,
+                 metadata: Mapping[str, str] | None = None, **model_kwargs: Any) -> dict:
+  """Write model ``name`` with ``variables`` as a deployable PyTorch file at ``path``.
+
+  Args:
+    name: a registered model name.
+    variables: its Flax variables (``params`` and ``batch_stats``), unfused; those of another
+      model (or other kwargs) are a StateDictError naming the leaves that differ.
+    path: a ``.safetensors`` file in an existing directory. Written under a temporary name and
+      renamed, so a failed export leaves nothing at ``path`` (an existing file stays as it was).
+    resolution: the input size the file is for (``H``, ``'HxW'`` or ``(H, W)``; default: the
+      model's). The ParC families bake their kernels for it; every model is run at it once in
+      PyTorch before the file is written.
+    fuse: write the fused form where the family has one (RepViT); ignored for the others.
+    metadata: extra strings for the file header.
+    **model_kwargs: how the variables were created (``num_classes``, ``distillation``, ...).
+
+  Returns:
+    The header written (model, kwargs, resolution, fused, baked, layout).
+  """
+  from mobilevis_jax import torch_models
+
+  path = torch_models.check_output_path(path)
+  module, info = deployable_torch_module(name, variables, resolution=resolution, fuse=fuse,
+                                         **model_kwargs)
   extra = dict(metadata or {})
   cfg = registry.model_info(name).pretrained_cfg
   if cfg is not None:
     # How to feed the model (eval transform, input convention: ParC-Net takes BGR in [0, 1]).
     extra.setdefault("pretrained_cfg", json.dumps(dataclasses.asdict(cfg)))
-  torch_models.save(module, path, name=name, kwargs=model_kwargs, resolution=hw, fused=fused,
-                    baked=baked, metadata=extra)
+  torch_models.save(module, path, name=name, kwargs=model_kwargs, resolution=info["resolution"],
+                    fused=info["fused"], baked=info["baked"], metadata=extra)
   return torch_models.read_header(path)
