@@ -156,7 +156,9 @@ def _torch_runner(name, variables, hw, threads, kwargs, workdir) -> tuple[Callab
   import torch
 
   from mobilevis_jax.interop.export import deployable_torch_module
-  module, _ = deployable_torch_module(name, variables, resolution=hw, fuse=True, **kwargs)
+  # measure() has checked the variables and the resolution.
+  module, _ = deployable_torch_module(name, variables, resolution=hw, fuse=True, check=False,
+                                      **kwargs)
   module = module.to(memory_format=torch.channels_last)
   x = torch.zeros(1, 3, *hw).contiguous(memory_format=torch.channels_last)
   if threads:
@@ -301,7 +303,7 @@ def measure(name: str, formats: str | Iterable[str] = ("jax", "torch"), *,
     variables = random_variables(name, **model_kwargs)
   else:
     _check_variables(name, model, variables, model_kwargs)
-  _check_resolution(name, model, variables, hw)
+  _check_resolution(name, model, variables, hw)  # before any runtime is set up
   rows = []
   with tempfile.TemporaryDirectory(prefix="mobilevis-latency-") as workdir, \
       _torch_threads_restored():

@@ -151,6 +151,32 @@ def coreml_summary(model_or_path: Any) -> dict:
           "precision": "fp16" if MIL_pb2.DataType.FLOAT16 in dtypes else "fp32"}
 
 
+def convert_module(module: Any, resolution: tuple[int, int], precision: str = "fp32") -> Any:
+  """A PyTorch ``module`` (eval mode) as a Core ML ML program for ``[1, 3, H, W]`` inputs.
+
+  Traced at batch 1 with ``torch.jit.trace`` and converted by ``coremltools.convert``; the
+  program's input is ``image`` (float32 NCHW) and its output ``logits``. Returns the
+  ``MLModel``, not loaded (loading compiles it with Core ML, which exists on macOS only).
+  """
+  check_precision(precision)
+  ct = import_coremltools()
+  import torch
+
+  x = torch.zeros(1, 3, *resolution)
+  with torch.no_grad(), warnings.catch_warnings():
+    # The trace is of one fixed shape by design (batch 1, the baked resolution): the shape
+    # checks that the trace freezes (ParC's baked-size test) are the intended constants.
+    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated")
+    traced = torch.jit.trace(module, x)
+  return ct.convert(
+      traced, inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(x.shape))],
+      outputs=[ct.TensorType(name=OUTPUT_NAME)], convert_to="mlprogram",
+      minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET),
+      compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
+      skip_model_load=True)
+
+
 def export_coreml(name: str, variables: Mapping, path: str | os.PathLike, *,
                   resolution: int | str | tuple[int, int] | None = None, fuse: bool = True,
                   precision: str = "fp32", **model_kwargs: Any) -> dict:
@@ -177,26 +203,11 @@ def export_coreml(name: str, variables: Mapping, path: str | os.PathLike, *,
   """
   path = check_coreml_path(path)
   check_precision(precision)
-  ct = import_coremltools()
-  import torch
-
+  import_coremltools()  # before the model is built: a missing extra fails fast
   module, info = deployable_torch_module(name, variables, resolution=resolution, fuse=fuse,
                                          **model_kwargs)
   h, w = info["resolution"]
-  x = torch.zeros(1, 3, h, w)
-  with torch.no_grad(), warnings.catch_warnings():
-    # The trace is of one fixed shape by design (batch 1, the baked resolution): the shape
-    # checks that the trace freezes (ParC's baked-size test) are the intended constants.
-    warnings.simplefilter("ignore", torch.jit.TracerWarning)
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated")
-    traced = torch.jit.trace(module, x)
-  mlmodel = ct.convert(
-      traced, inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(x.shape))],
-      outputs=[ct.TensorType(name=OUTPUT_NAME)], convert_to="mlprogram",
-      minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET),
-      compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
-      # Loading compiles the program with Core ML itself, which exists on macOS only.
-      skip_model_load=True)
+  mlmodel = convert_module(module, (h, w), precision)
   header = {"model": name, "kwargs": dict(model_kwargs), "resolution": [h, w],
             "fused": info["fused"], "baked": info["baked"], "precision": precision}
   meta = {"mobilevis_coreml": json.dumps(header), "mobilevis_model": name}

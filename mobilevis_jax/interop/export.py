@@ -89,13 +89,15 @@ def _check_resolution(name: str, model, variables, resolution: tuple[int, int]) 
 
 def deployable_torch_module(name: str, variables: Mapping, *,
                             resolution: int | str | tuple[int, int] | None = None,
-                            fuse: bool = True, **model_kwargs: Any) -> tuple[Any, dict]:
+                            fuse: bool = True, check: bool = True,
+                            **model_kwargs: Any) -> tuple[Any, dict]:
   """The deployable packaged PyTorch module of ``name`` with ``variables`` (eval mode).
 
   The one place that builds what every export format deploys (``export_torch``, Core ML, the
   PyTorch latency runner): variables and resolution checked against the JAX model, fused where
   the family has a structural re-parameterisation and ``fuse`` is set, ParC kernels baked for
-  ``resolution``, and the module run once on a zero batch of that size.
+  ``resolution``, and the module run once on a zero batch of that size. ``check=False`` skips
+  the JAX-side checks of the variables and the resolution, for a caller that has made them.
 
   Returns:
     ``(module, info)`` with ``info = {'resolution': (H, W), 'fused': bool, 'baked': bool}``.
@@ -106,8 +108,9 @@ def deployable_torch_module(name: str, variables: Mapping, *,
 
   hw = parse_resolution(resolution, name)
   model = registry.create_model(name, **model_kwargs)
-  _check_variables(name, model, variables, model_kwargs)
-  _check_resolution(name, model, variables, hw)
+  if check:
+    _check_variables(name, model, variables, model_kwargs)
+    _check_resolution(name, model, variables, hw)
   fam = torch_models.family(name)
   fused = bool(fuse) and fam in torch_models.FUSABLE_FAMILIES
   layout = torch_models.layout(name)
