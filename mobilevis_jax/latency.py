@@ -102,22 +102,23 @@ def random_variables(name: str, resolution: int | None = None, seed: int = 0,
                      **model_kwargs: Any) -> dict:
   """Random variables of model ``name``, filled from the abstract shapes (no ``init`` compile).
 
-  Weights are ``N(0, 1/fan_in)`` (activations stay of order one, so no denormals slow a run
-  down), BatchNorm scales and running variances 1, biases and running means 0.
+  numpy arrays; weights are ``N(0, 1/fan_in)`` (activations stay of order one, so no denormals
+  slow a run down), BatchNorm scales and running variances 1, biases and running means 0.
   """
   model = registry.create_model(name, **model_kwargs)
   shapes = registry.abstract_variables(
       model, resolution or registry.model_info(name).default_resolution)
   rng = np.random.default_rng(seed)
 
+  # numpy leaves: hundreds of small device transfers would cost more than the fill itself.
   def fill(path, s):
     key = jax.tree_util.keystr(path)
     if key.endswith(("['var']", "['scale']")):
-      return jnp.ones(s.shape, s.dtype)
+      return np.ones(s.shape, s.dtype)
     if key.endswith(("['mean']", "['bias']")) or len(s.shape) < 2:
-      return jnp.zeros(s.shape, s.dtype)
+      return np.zeros(s.shape, s.dtype)
     fan_in = int(np.prod(s.shape[:-1]))
-    return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(fan_in), s.dtype)
+    return (rng.standard_normal(s.shape, dtype=np.float32) / np.sqrt(fan_in)).astype(s.dtype)
 
   return jax.tree_util.tree_map_with_path(fill, dict(shapes))
 
@@ -147,6 +148,8 @@ def _jax_runner(name, variables, hw, threads, kwargs, workdir) -> tuple[Callable
   except (KeyError, ValueError, NotImplementedError):
     pass  # no fused form for this family: the model as it is
   fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  # On the device once: numpy leaves would be copied in at every call.
+  variables = jax.device_put(variables)
   x = jnp.zeros((1, *hw, 3), jnp.float32)
   return (lambda: fn(variables, x)), limit_jax_threads(threads)
 
