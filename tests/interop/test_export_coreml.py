@@ -233,9 +233,11 @@ def test_replacing_a_package_is_all_or_nothing(tmp_path, monkeypatch):
     real(src, dst)
 
   monkeypatch.setattr(os, "replace", fail_into_place)
+  scratch2 = tmp_path / "scratch2"  # export_coreml's scratch directory is new at every export
+  scratch2.mkdir()
   with pytest.raises(OSError, match="rename failed"):
-    coreml_export._replace_dir(str(tmp_path / "newer.mlpackage"), str(old), str(scratch))
-  assert _listing(old) == ["new"]
+    coreml_export._replace_dir(str(tmp_path / "newer.mlpackage"), str(old), str(scratch2))
+  assert _listing(old) == ["new"] and (tmp_path / "newer.mlpackage").exists()
 
 
 def test_coremltools_after_tensorflow_does_not_crash_the_process():
