@@ -3,7 +3,9 @@
     mobilevis zoo [--models PATTERN] [--fuse-resolution N]   table of params / MACs / fuse check
     mobilevis export --model NAME --checkpoint DIR --layout official|timm --out FILE
     mobilevis export --model NAME --checkpoint DIR --format torch [--resolution HxW] --out F.safetensors
+    mobilevis export --model NAME --checkpoint DIR --format coreml [--precision fp16] --out F.mlpackage
     mobilevis import --model NAME --weights FILE --layout official|timm --out DIR
+    mobilevis latency --model NAME [--format jax,torch|onnx|tflite|all] [--threads N] [--runs R]
     mobilevis data prepare|stats ...                          TFDS datasets (mobilevis_jax.data.cli)
     mobilevis train|eval ...                                  the trainer (mobilevis_jax.train.main)
     mobilevis average (--checkpoints DIR ... | --workdir DIR --k K) --out DIR   mean of checkpoints
@@ -46,9 +48,10 @@ def cmd_zoo(args) -> int:
 
 
 # What `mobilevis export --format` writes: the state_dict in an official/timm layout (default), or
-# the deployable PyTorch file (`mobilevis_jax.torch_models.load`). Issue #11 plans the others.
-EXPORT_FORMATS = ("state_dict", "torch")
-PLANNED_FORMATS = ("onnx", "tflite", "coreml")
+# the deployable PyTorch file (`mobilevis_jax.torch_models.load`), or a Core ML .mlpackage.
+# Issue #11 plans the others.
+EXPORT_FORMATS = ("state_dict", "torch", "coreml")
+PLANNED_FORMATS = ("onnx", "tflite")
 
 
 def _check_export_format(fmt: str) -> None:
@@ -74,20 +77,43 @@ def _export_torch(args, variables, kwargs) -> int:
   return 0
 
 
+def _export_coreml(args, variables, kwargs) -> int:
+  from mobilevis_jax import interop
+  from mobilevis_jax.interop.coreml_export import export_coreml
+  try:
+    info = export_coreml(args.model, variables, args.out, resolution=args.resolution,
+                         fuse=args.fuse, precision=args.precision, **kwargs)
+  except (ValueError, FileNotFoundError, interop.StateDictError) as e:
+    raise SystemExit(f"export of {args.model} failed: {e}") from e
+  (iname, ishape), = info["inputs"].items()
+  (oname, oshape), = info["outputs"].items()
+  form = "fused" if info["fused"] else "unfused"
+  print(f"wrote {args.model} ({info['precision']}, {form}"
+        f"{', ParC kernels baked' if info['baked'] else ''}) as a Core ML ML program to "
+        f"{args.out}: {iname} {list(ishape)} -> {oname} {list(oshape)}, "
+        f"{sum(info['ops'].values())} ops")
+  return 0
+
+
 def cmd_export(args) -> int:
   from mobilevis_jax import interop
   from mobilevis_jax.train.checkpoint import restore_variables
   _check_export_format(args.format)
-  if args.format == "torch":
+  if args.format in ("torch", "coreml"):
     # Fail before reading the checkpoint: a bad output path or resolution is known up front.
     from mobilevis_jax.interop.export import parse_resolution
     from mobilevis_jax.models import model_info
-    from mobilevis_jax.torch_models import check_output_path
     try:
       model_info(args.model)
-      check_output_path(args.out)
+      if args.format == "coreml":
+        from mobilevis_jax.interop.coreml_export import check_coreml_path, check_precision
+        check_coreml_path(args.out)
+        check_precision(args.precision)
+      else:
+        from mobilevis_jax.torch_models import check_output_path
+        check_output_path(args.out)
       parse_resolution(args.resolution, args.model)
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError) as e:
       raise SystemExit(f"export of {args.model}: {e}") from e
   variables, meta = restore_variables(args.checkpoint)
   if meta.get("model_name") not in (None, args.model):
@@ -95,6 +121,8 @@ def cmd_export(args) -> int:
   kwargs = {**meta.get("model_kwargs", {}), **_model_kwargs(args)}
   if args.format == "torch":
     return _export_torch(args, variables, kwargs)
+  if args.format == "coreml":
+    return _export_coreml(args, variables, kwargs)
   sd = interop.to_torch_state_dict(args.model, variables, layout=args.layout, **kwargs)
   # The file says how to feed the model: its pretrained_cfg (eval transform, input convention)
   # travels with the weights, so whoever loads them preprocesses as the model expects.
@@ -108,6 +136,37 @@ def cmd_export(args) -> int:
   interop.save_state_dict(sd, args.out, metadata=metadata)
   print(f"wrote {len(sd)} tensors ({args.layout} layout) to {args.out}; eval transform: "
         + (f"crop_pct {cfg.crop_pct}, {cfg.interpolation}, {cfg.input_convention}" if cfg else "-"))
+  return 0
+
+
+def cmd_latency(args) -> int:
+  from mobilevis_jax import latency
+  from mobilevis_jax.models import model_info
+  try:
+    model_info(args.model)
+    formats = latency.check_formats(args.format)
+    if args.threads is not None and args.threads < 1:
+      raise ValueError(f"--threads must be >= 1, got {args.threads}")
+  except (KeyError, ValueError) as e:
+    raise SystemExit(f"latency of {args.model}: {e.args[0] if e.args else e}") from e
+  missing = {f: latency.unavailable(f) for f in formats}
+  missing = {f: why for f, why in missing.items() if why}
+  if missing and args.format != "all":
+    raise SystemExit(f"latency of {args.model}: " + "; ".join(missing.values()))
+  for why in missing.values():
+    print(f"skipped: {why}")
+  # Before JAX's backend starts (nothing above ran a JAX computation): XLA fixes its pool then.
+  latency.limit_jax_threads(args.threads)
+  try:
+    rows = latency.measure(args.model, [f for f in formats if f not in missing],
+                           threads=args.threads, runs=args.runs, warmup=args.warmup,
+                           resolution=args.resolution, **_model_kwargs(args))
+  except ValueError as e:
+    raise SystemExit(f"latency of {args.model}: {e}") from e
+  print(latency.format_table(rows, baseline=rows[0]["format"]))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
   return 0
 
 
@@ -146,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="--format torch: input size H or HxW (default: the model's)")
   p.add_argument("--fuse", default=True, action=argparse.BooleanOptionalAction,
                  help="--format torch: write the fused form where the family has one")
+  p.add_argument("--precision", default="fp32",
+                 help="--format coreml: fp32 (default) or fp16 compute precision")
   p.set_defaults(func=cmd_export)
 
   p = sub.add_parser("import", help="PyTorch .safetensors/.pth -> orbax variables checkpoint")
@@ -155,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
                  help="entry of a .pth training checkpoint holding the state_dict (default: model/state_dict)")
   p.add_argument("--out", required=True, help="output directory for the orbax checkpoint")
   p.set_defaults(func=cmd_import)
+
+  p = sub.add_parser("latency", help="batch-1 CPU latency in JAX, PyTorch, ONNX Runtime, LiteRT")
+  p.add_argument("--model", required=True, help="registered model name (see `mobilevis zoo`)")
+  p.add_argument("--format", default="jax,torch",
+                 help="jax, torch, onnx, tflite, a comma-separated list, or all (default jax,torch)")
+  p.add_argument("--threads", type=int, default=1,
+                 help="threads per runtime (default 1; JAX: see mobilevis_jax.latency)")
+  p.add_argument("--runs", type=int, default=50, help="timed calls per format (default 50)")
+  p.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
+  p.add_argument("--resolution", default=None, help="input size H or HxW (default: the model's)")
+  p.add_argument("--num-classes", type=int, default=None)
+  p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+  p.set_defaults(func=cmd_latency)
 
   for name, help_ in (("data", "prepare and inspect TFDS datasets"), ("train", "train a model"),
                       ("eval", "evaluate a checkpoint"),

@@ -87,6 +87,53 @@ def _check_resolution(name: str, model, variables, resolution: tuple[int, int]) 
                      f"{feats.shape[1]}x{feats.shape[2]}")
 
 
+def deployable_torch_module(name: str, variables: Mapping, *,
+                            resolution: int | str | tuple[int, int] | None = None,
+                            fuse: bool = True, check: bool = True,
+                            **model_kwargs: Any) -> tuple[Any, dict]:
+  """The deployable packaged PyTorch module of ``name`` with ``variables`` (eval mode).
+
+  The one place that builds what every export format deploys (``export_torch``, Core ML, the
+  PyTorch latency runner): variables and resolution checked against the JAX model, fused where
+  the family has a structural re-parameterisation and ``fuse`` is set, ParC kernels baked for
+  ``resolution``, and the module run once on a zero batch of that size. ``check=False`` skips
+  the JAX-side checks of the variables and the resolution, for a caller that has made them.
+
+  Returns:
+    ``(module, info)`` with ``info = {'resolution': (H, W), 'fused': bool, 'baked': bool}``.
+  """
+  import torch
+
+  from mobilevis_jax import torch_models
+
+  hw = parse_resolution(resolution, name)
+  model = registry.create_model(name, **model_kwargs)
+  if check:
+    _check_variables(name, model, variables, model_kwargs)
+    _check_resolution(name, model, variables, hw)
+  fam = torch_models.family(name)
+  fused = bool(fuse) and fam in torch_models.FUSABLE_FAMILIES
+  layout = torch_models.layout(name)
+  if fused:
+    _, fused_variables = registry.fuse(model, variables)
+    sd = to_torch_state_dict(name, fused_variables, layout=layout, fused=True, **model_kwargs)
+  else:
+    sd = to_torch_state_dict(name, variables, layout=layout, **model_kwargs)
+  module = torch_models.create_model(name, fused=fused, **model_kwargs)
+  module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
+  baked = fam in torch_models.BAKED_FAMILIES
+  try:
+    if baked:
+      torch_models.bake_(name, module, hw)
+    with torch.no_grad():
+      out = module.eval()(torch.zeros(1, 3, *hw))
+  except (RuntimeError, ValueError) as e:
+    raise ValueError(f"{name} cannot take a {hw[0]}x{hw[1]} input in PyTorch: {e}") from e
+  if not isinstance(out, torch.Tensor) or out.ndim != 2:
+    raise RuntimeError(f"{name}: the exported module returned {type(out).__name__}, not logits")
+  return module, {"resolution": hw, "fused": fused, "baked": baked}
+
+
 def export_torch(name: str, variables: Mapping, path: str | os.PathLike, *,
                  resolution: int | str | tuple[int, int] | None = None, fuse: bool = True,
                  metadata: Mapping[str, str] | None = None, **model_kwargs: Any) -> dict:
@@ -108,40 +155,16 @@ def export_torch(name: str, variables: Mapping, path: str | os.PathLike, *,
   Returns:
     The header written (model, kwargs, resolution, fused, baked, layout).
   """
-  import torch
-
   from mobilevis_jax import torch_models
 
   path = torch_models.check_output_path(path)
-  hw = parse_resolution(resolution, name)
-  model = registry.create_model(name, **model_kwargs)
-  _check_variables(name, model, variables, model_kwargs)
-  _check_resolution(name, model, variables, hw)
-  fam = torch_models.family(name)
-  fused = bool(fuse) and fam in torch_models.FUSABLE_FAMILIES
-  layout = torch_models.layout(name)
-  if fused:
-    _, fused_variables = registry.fuse(model, variables)
-    sd = to_torch_state_dict(name, fused_variables, layout=layout, fused=True, **model_kwargs)
-  else:
-    sd = to_torch_state_dict(name, variables, layout=layout, **model_kwargs)
-  module = torch_models.create_model(name, fused=fused, **model_kwargs)
-  module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
-  baked = fam in torch_models.BAKED_FAMILIES
-  try:
-    if baked:
-      torch_models.bake_(name, module, hw)
-    with torch.no_grad():
-      out = module.eval()(torch.zeros(1, 3, *hw))
-  except (RuntimeError, ValueError) as e:
-    raise ValueError(f"{name} cannot take a {hw[0]}x{hw[1]} input in PyTorch: {e}") from e
-  if not isinstance(out, torch.Tensor) or out.ndim != 2:
-    raise RuntimeError(f"{name}: the exported module returned {type(out).__name__}, not logits")
+  module, info = deployable_torch_module(name, variables, resolution=resolution, fuse=fuse,
+                                         **model_kwargs)
   extra = dict(metadata or {})
   cfg = registry.model_info(name).pretrained_cfg
   if cfg is not None:
     # How to feed the model (eval transform, input convention: ParC-Net takes BGR in [0, 1]).
     extra.setdefault("pretrained_cfg", json.dumps(dataclasses.asdict(cfg)))
-  torch_models.save(module, path, name=name, kwargs=model_kwargs, resolution=hw, fused=fused,
-                    baked=baked, metadata=extra)
+  torch_models.save(module, path, name=name, kwargs=model_kwargs, resolution=info["resolution"],
+                    fused=info["fused"], baked=info["baked"], metadata=extra)
   return torch_models.read_header(path)

@@ -75,6 +75,12 @@ class CondConv2d(nn.Module):
 
   def forward(self, x, r) -> torch.Tensor:
     b, c, h, w = x.shape
+    if b == 1:
+      # One sample (batch-1 deployment): a plain convolution with its mixed kernel. This is also
+      # the form Core ML converts: in the folded form below the batch size enters ``groups``,
+      # which a traced graph records as shape arithmetic that coremltools cannot convert.
+      return F.conv2d(x, (r @ self.weight).view(self.kernel_shape), None, self.stride,
+                      self.padding, groups=self.groups)
     kernels = (r @ self.weight).view(b * self.cout, self.cin // self.groups, self.k, self.k)
     y = F.conv2d(x.reshape(1, b * c, h, w), kernels, None, self.stride, self.padding,
                  groups=self.groups * b)
