@@ -3,19 +3,23 @@
 :func:`deployable` turns a registered model and its (unfused) variables into the function a
 phone runtime is given: the eval forward at one fixed input resolution, with the variables closed
 over as constants, in the fused form where the family has one (``registry.fuse``: RepViT) and,
-for the ParC families, with ``parc_method='direct'``. The ParC meta kernels and position
-embeddings are resampled to the maps of that resolution inside the traced function, from
-constants only, so the converters fold them into instance-size constants ("baked"): the exported
-graph interpolates nothing and takes only that resolution. Phone runtimes have no inverse real
-FFT, so asking for ``'fft'``/``'fft2'`` (or ``'auto'``, which picks the FFT on large maps) is a
-ValueError rather than a silent switch.
+for the ParC families, with ``parc_method='conv'`` by default: the official formulation (the map
+wrapped by its own first rows, then a VALID n x 1 convolution), a plain (depthwise) convolution
+in every runtime. ``'direct'`` (the circulant matmul) is accepted too, but its dense form
+(ParC-ResNet50) is a rank-4 batched matmul, which the LiteRT converter refuses. The ParC meta
+kernels and position embeddings are resampled to the maps of that resolution inside the traced
+function, from constants only, so the converters fold them into instance-size constants
+("baked"): the exported graph interpolates nothing and takes only that resolution. Phone
+runtimes have no inverse real FFT, so asking for ``'fft'``/``'fft2'`` (or ``'auto'``, which picks
+the FFT on large maps) is a ValueError rather than a silent switch.
 
 The converters trace the function inside :func:`export_kernels`: the layers' backend-tuned paths
 (``layers.kernels``: on the XLA CPU backend depthwise convolutions run as shifted multiply-adds)
 are replaced by the library operators a runtime has kernels for: depthwise and grouped
 convolutions as convolutions, and ParameterNet's per-sample dynamic convolutions as im2col plus
-one batched matmul (``'einsum'``), which keeps the batch axis free (the ``'grouped'`` form folds
-the batch into the channel groups, a graph fixed to one batch size).
+one batched matmul (``'einsum'``), which keeps the batch axis free. (The ``'vmap'``/``'grouped'``
+forms fold the batch into the channel groups: jax2onnx refuses them with a symbolic batch and,
+measured on one DynamicConv at batch 2, converts them to a graph whose output is wrong by ~1.4.)
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from mobilevis_jax.models import registry
 # The families whose models take ``parc_method`` (a ParC operator per block).
 PARC_FAMILIES = ("parcnet", "parc_convnets")
 # ParC methods a runtime without FFT can run: the circulant matmul and the official wrapped conv.
-EXPORTABLE_PARC_METHODS = ("direct", "conv")
+EXPORTABLE_PARC_METHODS = ("conv", "direct")
 
 
 # `layers.kernels` implementations a converter is given (see the module docstring).
@@ -103,7 +107,7 @@ def deployable(name: str, variables: Mapping, *, resolution: int | str | tuple[i
   hw = parse_resolution(resolution, name)
   kwargs = dict(model_kwargs)
   if info.family in PARC_FAMILIES:
-    method = kwargs.get("parc_method", "direct")
+    method = kwargs.get("parc_method", "conv")
     if method not in EXPORTABLE_PARC_METHODS:
       raise ValueError(
           f"{name}: parc_method={method!r} cannot be exported to {target}: phone runtimes have no "

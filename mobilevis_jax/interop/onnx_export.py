@@ -1,7 +1,7 @@
 """Export a model to ONNX from JAX (``mobilevis export --format onnx``).
 
 Route: ``jax2onnx`` (``to_onnx``), which converts the jaxpr of the deployable forward
-(:func:`mobilevis_jax.interop.deploy.deployable`: fused, ParC baked with ``parc_method='direct'``)
+(:func:`mobilevis_jax.interop.deploy.deployable`: fused, ParC baked with ``parc_method='conv'``)
 primitive by primitive into standard ONNX ops. It converts every registered model and ONNX Runtime
 then agrees with JAX to ~1e-5 of max |logit| (``tests/interop/test_export_onnx.py``). The
 alternative, jax2tf -> ``tf2onnx``, was not taken: jax2tf's default native serialisation hides
@@ -61,7 +61,7 @@ def export_onnx(name: str, variables: Mapping, path: str | os.PathLike, *,
     dynamic_batch: a symbolic batch axis (else batch 1).
     opset: the ONNX opset.
     **model_kwargs: how the variables were created (``num_classes``, ``distillation``, ...);
-      ``parc_method`` may be ``'direct'`` (default) or ``'conv'``, never an FFT.
+      ``parc_method`` may be ``'conv'`` (default) or ``'direct'``, never an FFT.
 
   Returns:
     The metadata written, plus ``path``, ``input_shape`` (``'B'`` for a dynamic batch) and the

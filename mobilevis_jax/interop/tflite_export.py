@@ -2,7 +2,7 @@
 
 Route: ``jax2tf.convert`` of the deployable forward
 (:func:`mobilevis_jax.interop.deploy.deployable`: fused, ParC baked with
-``parc_method='direct'``) into a ``tf.function`` with a fixed ``(1, H, W, 3)`` float32 input,
+``parc_method='conv'``) into a ``tf.function`` with a fixed ``(1, H, W, 3)`` float32 input,
 then TensorFlow's ``tf.lite.TFLiteConverter`` (tensorflow-cpu, already a dependency), which
 lowers jax2tf's StableHLO module to LiteRT builtin ops. Only builtins are allowed (no TF
 "select" ops), so the file runs in the plain LiteRT runtime and its XNNPACK delegate. The
@@ -18,7 +18,11 @@ Quantisation (``quantize``):
   so the conversion fails instead of leaving a float op behind), activation ranges calibrated on
   ``calibration`` (the representative dataset: NHWC float images in the model's input
   convention, e.g. from :func:`calibration_images`). The input and output stay float32 (a
-  quantize op in, a dequantize op out), so the file is fed like the float one.
+  quantize op in, a dequantize op out), so the file is fed like the float one. GELU is exported
+  in its tanh form (``layers.activations.tanh_gelu_when_traced``, ~1e-3 from the exact erf,
+  far below int8 rounding): the erf lowers to a polynomial with DIV, LESS and SELECT ops that
+  LiteRT has no int8 kernels for; the converter still emits such a file and the interpreter
+  aborts the process when allocating it (measured with RepViT-M0.6, TF 2.21, LiteRT 2.3).
 
 The input is NHWC ``(1, H, W, 3)``, LiteRT's native layout; batch 1 is what phones run.
 ParameterNet's dynamic convolution (per-sample kernels mixed from experts) converts to builtins
@@ -28,6 +32,7 @@ TensorFlow is imported inside the functions only.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -101,7 +106,7 @@ def export_tflite(name: str, variables: Mapping, path: str | os.PathLike, *,
     calibration: for ``'int8'``: images ``(N, H, W, 3)`` or an iterable of ``(H, W, 3)`` /
       ``(1, H, W, 3)`` float arrays, preprocessed as the model expects.
     **model_kwargs: how the variables were created (``num_classes``, ``distillation``, ...);
-      ``parc_method`` may be ``'direct'`` (default) or ``'conv'``, never an FFT.
+      ``parc_method`` may be ``'conv'`` (default) or ``'direct'``, never an FFT.
 
   Returns:
     The export's description: model, kwargs, resolution, fused, ParC baked, quantize, input
@@ -118,10 +123,13 @@ def export_tflite(name: str, variables: Mapping, path: str | os.PathLike, *,
   import tensorflow as tf
   from jax.experimental import jax2tf
 
+  from mobilevis_jax.layers.activations import tanh_gelu_when_traced
+
   shape = (1, h, w, 3)
   fn = tf.function(jax2tf.convert(dep.apply, with_gradient=False), autograph=False,
                    input_signature=[tf.TensorSpec(shape, tf.float32, name="images")])
-  with export_kernels():  # jax2tf traces the JAX function here
+  with export_kernels(), (tanh_gelu_when_traced() if quantize == "int8"
+                          else contextlib.nullcontext()):  # jax2tf traces the JAX function here
     concrete = fn.get_concrete_function()
   converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], fn)
   converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]

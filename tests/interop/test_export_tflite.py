@@ -153,3 +153,17 @@ def test_bad_paths(ghostnet, tmp_path):
     cli.main(["export", "--model", "ghostnet_050", "--checkpoint", str(tmp_path / "none"),
               "--format", "onnx", "--quantize", "int8", "--out", str(tmp_path / "g.onnx")])
   assert _listing(tmp_path) == []
+
+
+def test_tanh_gelu_only_inside_the_context():
+  import jax
+  import jax.numpy as jnp
+
+  from mobilevis_jax.layers.activations import gelu, tanh_gelu_when_traced
+  x = jnp.linspace(-4.0, 4.0, 101)
+  exact = jax.nn.gelu(x, approximate=False)
+  with tanh_gelu_when_traced():
+    inside = gelu(x)
+  np.testing.assert_array_equal(gelu(x), exact)
+  np.testing.assert_array_equal(inside, jax.nn.gelu(x, approximate=True))
+  assert 1e-5 < float(jnp.abs(inside - exact).max()) < 1e-3

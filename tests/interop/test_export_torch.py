@@ -162,7 +162,7 @@ def test_cli_exports_an_orbax_checkpoint(ghostnet, tmp_path):
   assert not other.exists()
 
 
-@pytest.mark.parametrize("fmt, message", [("onnx", "'onnx' is not implemented yet"),
+@pytest.mark.parametrize("fmt, message", [("coreml", "'coreml' is not implemented yet"),
                                           ("pickle", "unknown export format 'pickle'")])
 def test_cli_rejects_unknown_formats(fmt, message, tmp_path):
   with pytest.raises(SystemExit, match=message):
