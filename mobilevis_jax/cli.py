@@ -85,8 +85,8 @@ def _export_graph(args, variables, kwargs) -> int:
   try:
     if args.format == "onnx":
       from mobilevis_jax.interop.onnx_export import export_onnx
-      info = export_onnx(args.model, variables, args.out, layout=args.layout or "nchw", **opts,
-                         **kwargs)
+      info = export_onnx(args.model, variables, args.out, layout=args.layout or "nchw",
+                         dynamic_batch=args.dynamic_batch, **opts, **kwargs)
     else:
       from mobilevis_jax.interop.export import parse_resolution
       from mobilevis_jax.interop.tflite_export import calibration_images, export_tflite
@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="--format torch|onnx|tflite: input size H or HxW (default: the model's)")
   p.add_argument("--fuse", default=True, action=argparse.BooleanOptionalAction,
                  help="--format torch|onnx|tflite: write the fused form where the family has one")
+  p.add_argument("--dynamic-batch", default=True, action=argparse.BooleanOptionalAction,
+                 help="--format onnx: a symbolic batch axis (default) or batch 1")
   p.add_argument("--quantize", default=None, choices=("fp16", "int8"),
                  help="--format tflite: float16 weights or full-integer int8 (default: float32)")
   p.add_argument("--calibration-data", default="mobilevis_digits:train",

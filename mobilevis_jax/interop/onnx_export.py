@@ -1,12 +1,17 @@
 """Export a model to ONNX from JAX (``mobilevis export --format onnx``).
 
 Route: ``jax2onnx`` (``to_onnx``), which converts the jaxpr of the deployable forward
-(:func:`mobilevis_jax.interop.deploy.deployable`: fused, ParC baked with ``parc_method='conv'``)
-primitive by primitive into standard ONNX ops. It converts every registered model and ONNX Runtime
-then agrees with JAX to ~1e-5 of max |logit| (``tests/interop/test_export_onnx.py``). The
-alternative, jax2tf -> ``tf2onnx``, was not taken: jax2tf's default native serialisation hides
-the model in one ``XlaCallModule`` op that tf2onnx cannot translate, and its non-native
-(TF-op) mode is deprecated in JAX.
+(:func:`mobilevis_jax.interop.deploy.deployable`: fused, ParC baked with ``parc_method='conv'``,
+library convolution ops) primitive by primitive into standard ONNX ops, with a symbolic batch.
+For the smallest model of every family ONNX Runtime agrees with JAX to ~1e-6 of max |logit|
+(``tests/interop/test_export_onnx.py``). Its cost is conversion time: it checks every lowered
+value against the whole graph built so far, so time grows with the square of the graph size
+(15-50 s for GhostNet-0.5 at 32 px on 2 loaded cores; ~2 min for ParameterNet-300M at batch 1,
+more than 8 min with a symbolic batch, whose shape arithmetic multiplies the nodes of the
+per-sample convolutions). The other route, jax2tf -> ``tf2onnx``, was not tried in the time
+available (jax2tf's default output is one ``XlaCallModule`` op holding StableHLO, so tf2onnx
+would need jax2tf's deprecated non-native mode); it is the first thing to measure if the
+conversion time matters.
 
 The graph:
 
@@ -19,8 +24,8 @@ The graph:
 * ``metadata_props``: model name and kwargs, resolution, layout, fused, ParC baked, input
   convention and the ``pretrained_cfg`` (how to preprocess).
 
-ParameterNet's dynamic convolution (per-sample mixed kernels) exports as the einsum over experts
-followed by a grouped convolution over the batch, which ONNX Runtime runs as is.
+ParameterNet's dynamic convolution (per-sample mixed kernels) exports as the expert mixing
+followed by im2col and one batched matmul per layer (``deploy.EXPORT_KERNELS``), batch-free.
 
 The packages (``onnx``, ``onnxruntime``, ``jax2onnx``: the ``[export]`` extra) are imported inside
 the functions, never at package import.
