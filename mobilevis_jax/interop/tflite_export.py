@@ -45,6 +45,7 @@ from mobilevis_jax.interop.deploy import (
   export_kernels,
   write_atomic,
 )
+from mobilevis_jax.interop.export import parse_resolution
 
 QUANTIZATIONS = (None, "fp16", "int8")
 
@@ -115,10 +116,12 @@ def export_tflite(name: str, variables: Mapping, path: str | os.PathLike, *,
   if quantize not in QUANTIZATIONS:
     raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
   path = check_output_path(path, ".tflite")
+  # Bad calibration data fails before any tracing.
+  batches = (_calibration_batches(calibration, parse_resolution(resolution, name))
+             if quantize == "int8" else None)
   dep = deployable(name, variables, resolution=resolution, fuse=fuse, target="LiteRT",
                    **model_kwargs)
   h, w = dep.resolution
-  batches = _calibration_batches(calibration, dep.resolution) if quantize == "int8" else None
 
   import tensorflow as tf
   from jax.experimental import jax2tf
