@@ -88,16 +88,19 @@ def _export_graph(args, variables, kwargs) -> int:
       info = export_onnx(args.model, variables, args.out, layout=args.layout or "nchw",
                          dynamic_batch=args.dynamic_batch, **opts, **kwargs)
     else:
+      from mobilevis_jax.data.calibration import calibration_images
       from mobilevis_jax.interop.export import parse_resolution
-      from mobilevis_jax.interop.tflite_export import calibration_images, export_tflite
+      from mobilevis_jax.interop.tflite_export import export_tflite
+      from mobilevis_jax.models import model_info
       calibration = None
       if args.quantize == "int8":
         dataset, _, split = args.calibration_data.partition(":")
         h, w = parse_resolution(args.resolution, args.model)
         if h != w:
           raise ValueError(f"int8 calibration images are square, the resolution is {h}x{w}")
-        calibration = calibration_images(args.model, args.calibration_count, resolution=h,
-                                         dataset=dataset, split=split or "train")
+        calibration = calibration_images(
+            args.calibration_count, image_size=h, dataset=dataset, split=split or "train",
+            normalization=model_info(args.model).input_convention)
       info = export_tflite(args.model, variables, args.out, quantize=args.quantize,
                            calibration=calibration, **opts, **kwargs)
   except (ValueError, FileNotFoundError, RuntimeError, interop.StateDictError) as e:

@@ -54,7 +54,8 @@ def main() -> None:
 
   import jax
 
-  from mobilevis_jax.interop.tflite_export import calibration_images, export_tflite
+  from mobilevis_jax.data.calibration import calibration_images
+  from mobilevis_jax.interop.tflite_export import export_tflite
   from mobilevis_jax.models import registry
   from mobilevis_jax.train.checkpoint import restore_variables
   from mobilevis_jax.train.config import load_config
@@ -66,8 +67,9 @@ def main() -> None:
   res = int(cfg.data.image_size)
   split = args.split or cfg.data.eval_split
   images, labels = eval_split(cfg.data, split)
-  calib = calibration_images(name, args.calibration_count, resolution=res,
-                             data_config=cfg.data, split=cfg.data.train_split)
+  calib = calibration_images(args.calibration_count, image_size=res, data_config=cfg.data,
+                             split=cfg.data.train_split,
+                             normalization=registry.model_info(name).input_convention)
   model = registry.create_model(name, **kwargs)
   logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
   jax_top1 = float((np.asarray(logits).argmax(-1) == labels).mean())

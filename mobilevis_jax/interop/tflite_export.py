@@ -14,15 +14,17 @@ Quantisation (``quantize``):
 * ``None``: float32.
 * ``'fp16'``: float16 weights, float32 compute on CPU (the converter's float16 post-training
   quantisation).
-* ``'int8'``: full-integer post-training quantisation: every op in int8 (``TFLITE_BUILTINS_INT8``,
-  so the conversion fails instead of leaving a float op behind), activation ranges calibrated on
-  ``calibration`` (the representative dataset: NHWC float images in the model's input
-  convention, e.g. from :func:`calibration_images`). The input and output stay float32 (a
-  quantize op in, a dequantize op out), so the file is fed like the float one. GELU is exported
-  in its tanh form (``layers.activations.tanh_gelu_when_traced``, ~1e-3 from the exact erf,
-  far below int8 rounding): the erf lowers to a polynomial with DIV, LESS and SELECT ops that
-  LiteRT has no int8 kernels for; the converter still emits such a file and the interpreter
-  aborts the process when allocating it (measured with RepViT-M0.6, TF 2.21, LiteRT 2.3).
+* ``'int8'``: full-integer post-training quantisation (``TFLITE_BUILTINS_INT8``), activation
+  ranges calibrated on ``calibration`` (the representative dataset: NHWC float images in the
+  model's input convention, e.g. from :func:`mobilevis_jax.data.calibration.calibration_images`).
+  The input and output stay float32 (a quantize op in, a dequantize op out), so the file is fed
+  like the float one. GELU is exported in its tanh form
+  (``layers.activations.tanh_gelu_when_traced``, ~1e-3 from the exact erf, far below int8
+  rounding), which the converter turns into LiteRT's GELU op: the exact erf lowers to a
+  polynomial with DIV, LESS and SELECT ops that have no int8 kernels, and the converter still
+  emits such a file (with no error), on which the interpreter aborts the process when
+  allocating it (measured with RepViT-M0.6, TF 2.21, LiteRT 2.3). With the tanh form RepViT-M0.6
+  converts to one QUANTIZE, one DEQUANTIZE and int8 ops only.
 
 The input is NHWC ``(1, H, W, 3)``, LiteRT's native layout; batch 1 is what phones run.
 ParameterNet's dynamic convolution (per-sample kernels mixed from experts) converts to builtins
@@ -155,38 +157,3 @@ def export_tflite(name: str, variables: Mapping, path: str | os.PathLike, *,
   write_atomic(path, blob)
   return {**dep.metadata, "quantize": quantize, "layout": "nhwc", "input_shape": list(shape),
           "path": path, "bytes": len(blob)}
-
-
-def calibration_images(name: str, n: int, *, resolution: int | None = None,
-                       dataset: str = "mobilevis_digits", split: str = "train",
-                       data_config: Any = None) -> np.ndarray:
-  """``n`` images of ``split`` of ``dataset`` through the data pipeline's eval transform, as model
-  ``name`` sees them: ``(n, R, R, 3)`` float32, the representative dataset for ``quantize='int8'``.
-
-  The transform is ``data_config``'s (default: :func:`mobilevis_jax.data.default_data_config`
-  with ``dataset``) at ``resolution`` (default: the model's), normalised in the model's input
-  convention (ImageNet mean/std, or ParC-Net's BGR in [0, 1]). The first ``n`` images of the
-  split are taken (TFDS split slicing, ``'train[:n]'``), so calibration is deterministic.
-  """
-  from mobilevis_jax import data
-  from mobilevis_jax.models import registry
-
-  if n < 1:
-    raise ValueError(f"the number of calibration images must be >= 1, got {n}")
-  info = registry.model_info(name)
-  if data_config is None:
-    cfg = data.default_data_config()
-    cfg.name = dataset
-  else:
-    cfg = data_config.copy_and_resolve_references()
-  cfg.image_size = int(resolution or info.default_resolution)
-  cfg.normalization = info.input_convention
-  cfg.eval_split = f"{split}[:{int(n)}]"
-  images = []
-  for batch in data.eval_iterator(cfg, global_batch_size=min(int(n), 64), process_index=0,
-                                  process_count=1):
-    images.append(np.asarray(batch["image"])[np.asarray(batch["mask"]) > 0])
-  out = np.concatenate(images)[:n]
-  if len(out) < n:
-    raise ValueError(f"{dataset}:{split} has only {len(out)} images, {n} asked for")
-  return out.astype(np.float32)

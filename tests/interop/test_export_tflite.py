@@ -104,7 +104,8 @@ def test_cli_int8_calibrated_on_the_data_pipeline(ghostnet, tmp_path):
   # output dequantized.
   types = {d["dtype"] for d in it.get_tensor_details()}
   assert np.int8 in types
-  images = tflite_export.calibration_images("ghostnet_050", 8, resolution=32, split="validation")
+  from mobilevis_jax.data.calibration import calibration_images
+  images = calibration_images(8, image_size=32, normalization="imagenet", split="validation")
   assert images.shape == (8, 32, 32, 3) and images.dtype == np.float32
   fp32 = _tflite_logits(ghostnet.path, images)
   int8 = _tflite_logits(out, images)
