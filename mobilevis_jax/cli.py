@@ -4,6 +4,8 @@
     mobilevis export --model NAME --checkpoint DIR --layout official|timm --out FILE
     mobilevis export --model NAME --checkpoint DIR --format torch [--resolution HxW] --out F.safetensors
     mobilevis export --model NAME --checkpoint DIR --format coreml [--precision fp16] --out F.mlpackage
+    mobilevis export --model NAME --checkpoint DIR --format onnx [--layout nchw|nhwc] --out F.onnx
+    mobilevis export --model NAME --checkpoint DIR --format tflite [--quantize fp16|int8] --out F.tflite
     mobilevis import --model NAME --weights FILE --layout official|timm --out DIR
     mobilevis latency --model NAME [--format jax,torch|onnx|tflite|all] [--threads N] [--runs R]
     mobilevis data prepare|stats ...                          TFDS datasets (mobilevis_jax.data.cli)
@@ -31,7 +33,9 @@ def _model_kwargs(args) -> dict:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", required=True, help="registered model name (see `mobilevis zoo`)")
-  p.add_argument("--layout", default="official", help="PyTorch key layout: official or timm")
+  p.add_argument("--layout", default=None,
+                 help="PyTorch key layout: official (default) or timm; --format onnx: the input "
+                      "layout, nchw (default) or nhwc")
   p.add_argument("--num-classes", type=int, default=None)
   p.add_argument("--distillation", default=None, action=argparse.BooleanOptionalAction,
                  help="whether the model has the distillation head (default: the model's default)")
@@ -48,16 +52,12 @@ def cmd_zoo(args) -> int:
 
 
 # What `mobilevis export --format` writes: the state_dict in an official/timm layout (default), or
-# the deployable PyTorch file (`mobilevis_jax.torch_models.load`), or a Core ML .mlpackage.
-# Issue #11 plans the others.
-EXPORT_FORMATS = ("state_dict", "torch", "coreml")
-PLANNED_FORMATS = ("onnx", "tflite")
+# the deployable PyTorch file (`mobilevis_jax.torch_models.load`), ONNX or LiteRT (`interop.deploy`),
+# or a Core ML .mlpackage (through the PyTorch module).
+EXPORT_FORMATS = ("state_dict", "torch", "onnx", "tflite", "coreml")
 
 
 def _check_export_format(fmt: str) -> None:
-  if fmt in PLANNED_FORMATS:
-    raise SystemExit(f"export format {fmt!r} is not implemented yet; available: "
-                     f"{', '.join(EXPORT_FORMATS)}")
   if fmt not in EXPORT_FORMATS:
     raise SystemExit(f"unknown export format {fmt!r}; available: {', '.join(EXPORT_FORMATS)}")
 
@@ -95,10 +95,69 @@ def _export_coreml(args, variables, kwargs) -> int:
   return 0
 
 
+def _export_graph(args, variables, kwargs) -> int:
+  """``--format onnx|tflite``: the deployable JAX graph (``interop.deploy``) in that runtime."""
+  from mobilevis_jax import interop
+  opts = {"resolution": args.resolution, "fuse": args.fuse}
+  try:
+    if args.format == "onnx":
+      from mobilevis_jax.interop.onnx_export import export_onnx
+      info = export_onnx(args.model, variables, args.out, layout=args.layout or "nchw",
+                         dynamic_batch=args.dynamic_batch, **opts, **kwargs)
+    else:
+      from mobilevis_jax.data.calibration import calibration_images
+      from mobilevis_jax.interop.export import parse_resolution
+      from mobilevis_jax.interop.tflite_export import export_tflite
+      from mobilevis_jax.models import model_info
+      calibration = None
+      if args.quantize == "int8":
+        dataset, _, split = args.calibration_data.partition(":")
+        h, w = parse_resolution(args.resolution, args.model)
+        if h != w:
+          raise ValueError(f"int8 calibration images are square, the resolution is {h}x{w}")
+        calibration = calibration_images(
+            args.calibration_count, image_size=h, dataset=dataset, split=split or "train",
+            normalization=model_info(args.model).input_convention)
+      info = export_tflite(args.model, variables, args.out, quantize=args.quantize,
+                           calibration=calibration, **opts, **kwargs)
+  except (ValueError, FileNotFoundError, RuntimeError, interop.StateDictError) as e:
+    raise SystemExit(f"export of {args.model} failed: {e}") from e
+  form = "fused" if info["fused"] == "true" else "unfused"
+  if info["parc_baked"] == "true":
+    form += ", ParC kernels baked"
+  if args.format == "tflite":
+    form += f", {args.quantize or 'fp32'}"
+  print(f"wrote {args.model} ({form}) for {info['resolution']} inputs, input "
+        f"{info['input_shape']} ({info['layout'].upper()}), to {args.out}")
+  return 0
+
+
+def _check_graph_args(args) -> None:
+  """Refuse flags of another format before the checkpoint is read."""
+  if args.format == "onnx" and args.layout not in (None, "nchw", "nhwc"):
+    raise SystemExit(f"--format onnx: --layout is the input layout, nchw or nhwc, not {args.layout!r}")
+  if args.format != "onnx" and args.layout in ("nchw", "nhwc"):
+    raise SystemExit(f"--layout {args.layout} is an input layout of --format onnx only")
+  if args.quantize is not None and args.format != "tflite":
+    raise SystemExit("--quantize applies to --format tflite only")
+  suffix = {"onnx": ".onnx", "tflite": ".tflite"}.get(args.format)
+  if suffix:
+    from mobilevis_jax.interop.deploy import check_output_path
+    from mobilevis_jax.interop.export import parse_resolution
+    from mobilevis_jax.models import model_info
+    try:
+      model_info(args.model)
+      check_output_path(args.out, suffix)
+      parse_resolution(args.resolution, args.model)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+      raise SystemExit(f"export of {args.model}: {e}") from e
+
+
 def cmd_export(args) -> int:
   from mobilevis_jax import interop
   from mobilevis_jax.train.checkpoint import restore_variables
   _check_export_format(args.format)
+  _check_graph_args(args)
   if args.format in ("torch", "coreml"):
     # Fail before reading the checkpoint: a bad output path or resolution is known up front.
     from mobilevis_jax.interop.export import parse_resolution
@@ -123,6 +182,12 @@ def cmd_export(args) -> int:
     return _export_torch(args, variables, kwargs)
   if args.format == "coreml":
     return _export_coreml(args, variables, kwargs)
+  if args.format in ("onnx", "tflite"):
+    # How the checkpoint's model computed ParC is not a property of its weights; the export
+    # picks a method the runtime has ('direct').
+    kwargs.pop("parc_method", None)
+    return _export_graph(args, variables, kwargs)
+  args.layout = args.layout or "official"
   sd = interop.to_torch_state_dict(args.model, variables, layout=args.layout, **kwargs)
   # The file says how to feed the model: its pretrained_cfg (eval transform, input convention)
   # travels with the weights, so whoever loads them preprocesses as the model expects.
@@ -175,7 +240,8 @@ def cmd_import(args) -> int:
   from mobilevis_jax.train.checkpoint import save_variables
   sd = interop.load_state_dict(args.weights, checkpoint_key=args.checkpoint_key)
   kwargs = _model_kwargs(args)
-  variables = interop.from_torch_state_dict(args.model, sd, layout=args.layout, **kwargs)
+  variables = interop.from_torch_state_dict(args.model, sd, layout=args.layout or "official",
+                                            **kwargs)
   save_variables(args.out, variables, model_name=args.model, extra={"model_kwargs": kwargs,
                                                                   "source": str(args.weights)})
   print(f"imported {len(sd)} tensors from {args.weights} into {args.out}")
@@ -197,14 +263,25 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("export", help="orbax variables checkpoint -> PyTorch .safetensors/.pth")
   _add_model_args(p)
   p.add_argument("--checkpoint", required=True, help="variables checkpoint or training workdir")
-  p.add_argument("--out", required=True, help="output file (.safetensors or .pth)")
+  p.add_argument("--out", required=True,
+                 help="output file (.safetensors or .pth; .onnx, .tflite for those formats)")
   p.add_argument("--format", default="state_dict",
-                 help="state_dict (default: the weights in --layout) or torch (a deployable "
-                      "file of the packaged PyTorch module: fused, ParC kernels baked)")
+                 help="state_dict (default: the weights in --layout), torch (a deployable "
+                      "file of the packaged PyTorch module), onnx, tflite (LiteRT) or coreml; the last "
+                      "four fused and with ParC kernels baked for --resolution")
   p.add_argument("--resolution", default=None,
-                 help="--format torch: input size H or HxW (default: the model's)")
+                 help="--format torch|onnx|tflite: input size H or HxW (default: the model's)")
   p.add_argument("--fuse", default=True, action=argparse.BooleanOptionalAction,
-                 help="--format torch: write the fused form where the family has one")
+                 help="--format torch|onnx|tflite|coreml: write the fused form where the family has one")
+  p.add_argument("--dynamic-batch", default=True, action=argparse.BooleanOptionalAction,
+                 help="--format onnx: a symbolic batch axis (default) or batch 1")
+  p.add_argument("--quantize", default=None, choices=("fp16", "int8"),
+                 help="--format tflite: float16 weights or full-integer int8 (default: float32)")
+  p.add_argument("--calibration-data", default="mobilevis_digits:train",
+                 help="--quantize int8: DATASET[:SPLIT] whose first images, through the eval "
+                      "transform, calibrate the activation ranges (default mobilevis_digits:train)")
+  p.add_argument("--calibration-count", type=int, default=128,
+                 help="--quantize int8: number of calibration images (default 128)")
   p.add_argument("--precision", default="fp32",
                  help="--format coreml: fp32 (default) or fp16 compute precision")
   p.set_defaults(func=cmd_export)
