@@ -93,3 +93,26 @@ def test_beam_options_are_checked():
   opts = sources.beam_pipeline_options("DirectRunner", 3, ["--direct_runner_bundle_repeat=0"])
   direct = opts.get_all_options()
   assert direct["direct_running_mode"] == "multi_processing" and direct["direct_num_workers"] == 3
+
+
+def test_beam_build_from_a_gzip_release_tar_and_corrupt_error(builds, tmp_path):
+  """A gzip archive has no offsets: one reader streams it, workers decode (in-process runner)."""
+  kw = dict(synsets=("n00004475", "n00005787", "n00006024", "n00007846"), images_per_class=5,
+            size=(64, 48), corrupt_file=CORRUPT)
+  manual = str(tmp_path / "gz")
+  fake_archives.write_imagenet21k(manual, archive="winter21_whole.tar.gz", **kw)
+  gz = sources.prepare("imagenet22k", data_dir=str(tmp_path / "tfds"), manual_dir=manual,
+                       builder_config="winter21", skip_corrupt=True, beam_runner="DirectRunner")
+  assert gz.info.metadata["skipped_corrupt"] == [
+      f"winter21_whole.tar.gz:n00005787.tar/{CORRUPT}"]
+  for split in ("train", "validation"):
+    assert _records(gz, split)[0] == _records(builds["plain"], split)[0]
+  # Without skip_corrupt the Beam build fails naming the file, as the single-process one does.
+  with pytest.raises(Exception, match=f"n00005787.tar/{CORRUPT}"):
+    sources.prepare("imagenet22k", data_dir=str(tmp_path / "tfds2"), manual_dir=manual,
+                    builder_config="winter21", beam_runner="DirectRunner")
+
+
+def test_missing_source_names_both_layouts(tmp_path):
+  with pytest.raises(FileNotFoundError, match="fall11_whole.tar nor per-synset tars"):
+    sources.prepare("imagenet22k", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path))
