@@ -39,6 +39,9 @@ Two ways to prepare, giving the same records (same keys, labels and splits; test
   their offsets); a gzip archive cannot be read at an offset, so one reader streams it and hands
   the synset tars to the workers, which decode in parallel (extract it first to parallelise the
   reading too). Corrupt files skipped by the workers are collected into the same metadata list.
+  TFDS's Beam writer shuffles every encoded example (by key hash, as the single-process writer
+  orders them), and the DirectRunner holds a shuffle in memory: locally it suits builds whose
+  encoded images fit in RAM; the full release needs a runner that spills (Dataflow, Flink, Spark).
 """
 from __future__ import annotations
 
@@ -271,9 +274,10 @@ class Imagenet22k(tfds.core.GeneratorBasedBuilder):
     self._use_beam = (download_config.beam_runner is not None
                       or download_config.beam_options is not None)
     super()._download_and_prepare(dl_manager, download_config)
-    skipped = self.info.metadata["skipped_corrupt"]
-    if self._use_beam:
-      path = self.data_path / _BEAM_SKIPPED_FILE
+    # (Absent when TFDS generated nothing, e.g. max_examples_per_split=0.)
+    skipped = self.info.metadata.get("skipped_corrupt", [])
+    path = self.data_path / _BEAM_SKIPPED_FILE
+    if self._use_beam and path.exists():
       skipped = json.loads(path.read_text())
       path.unlink()
     self.info.metadata["skipped_corrupt"] = sorted(skipped)
