@@ -3,6 +3,8 @@
     mobilevis data prepare imagenet2012 --manual-dir /data/ilsvrc --data-dir /data/tfds
     mobilevis data prepare imagenet22k --config winter21 --manual-dir /data/in21k \\
         --data-dir /data/tfds --file-format array_record
+    mobilevis data prepare imagenet22k --manual-dir /data/in21k_tars --data-dir /data/tfds \\
+        --file-format array_record --beam-runner DirectRunner --num-workers 8
     mobilevis data prepare mobilevis_digits --data-dir /data/tfds
     mobilevis data stats imagenet2012 --data-dir /data/tfds
         -> last line: {"splits": {"train": 1281167, "validation": 50000}, "num_classes": 1000}
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 from mobilevis_jax.data.config import DATASETS
 
@@ -30,6 +33,14 @@ def _parser() -> argparse.ArgumentParser:
   prep.add_argument("--file-format", default="tfrecord", choices=("tfrecord", "array_record"))
   prep.add_argument("--skip-corrupt", action="store_true",
                     help="imagenet22k: skip (count, log, record) undecodable images")
+  prep.add_argument("--beam-runner", default="",
+                    help="imagenet22k: prepare on Apache Beam with this runner (DirectRunner, "
+                    "DataflowRunner, FlinkRunner, SparkRunner; needs the beam extra)")
+  prep.add_argument("--num-workers", type=int, default=0,
+                    help="DirectRunner: number of local worker processes (multi_processing)")
+  prep.add_argument("--beam-options", default="",
+                    help="further Beam pipeline options, one string, e.g. "
+                    "\"--project=p --region=r --temp_location=gs://b/tmp\"")
   return p
 
 
@@ -39,7 +50,9 @@ def main(argv: list[str]) -> int:
   if args.command == "prepare":
     builder = sources.prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir,
                               builder_config=args.config, file_format=args.file_format,
-                              skip_corrupt=args.skip_corrupt)
+                              skip_corrupt=args.skip_corrupt, beam_runner=args.beam_runner,
+                              num_workers=args.num_workers,
+                              beam_options=shlex.split(args.beam_options))
     print(f"prepared {builder.name} {builder.version} in {builder.data_dir}")
   else:
     builder = sources.get_builder(args.name, data_dir=args.data_dir, builder_config=args.config)

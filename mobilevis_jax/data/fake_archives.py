@@ -7,7 +7,8 @@ They reproduce the layouts the real builders read, including the real archives' 
   labels from the ``validation_labels.txt`` it ships, in sorted file-name order). The train tar
   holds ``n01739381_1309.JPEG`` as a CMYK JPEG and ``n02105855_2933.JPEG`` as a PNG, the very file
   names TFDS's builder repairs.
-* :func:`write_imagenet21k`: ``fall11_whole.tar`` / ``winter21_whole.tar.gz`` of per-synset tars.
+* :func:`write_imagenet21k`: ``fall11_whole.tar`` / ``winter21_whole.tar.gz`` of per-synset tars;
+  :func:`write_imagenet21k_synset_tars`: the same synset tars extracted into a directory.
 
 Images are smooth random colour fields (JPEG sizes close to photographs', unlike white noise).
 """
@@ -100,16 +101,10 @@ def write_ilsvrc2012(manual_dir: str, *, synsets: Sequence[str] = ("n01440764", 
   return {"train": {s: sorted(f) for s, f in per_synset.items()}, "val": sorted(val)}
 
 
-def write_imagenet21k(manual_dir: str, *, archive: str = "fall11_whole.tar",
-                      synsets: Sequence[str] = ("n00004475", "n00005787", "n00006024"),
-                      images_per_class: int = 6, size: tuple[int, int] = (120, 90), seed: int = 0,
-                      corrupt_file: str | None = None) -> dict:
-  """Writes a release-layout archive (gzip if the name ends in .gz); returns {synset: [names]}.
-
-  The first synset also gets a CMYK JPEG and a PNG saved under a .JPEG name.
-  """
+def _imagenet21k_synsets(synsets: Sequence[str], images_per_class: int, size: tuple[int, int],
+                         seed: int, corrupt_file: str | None) -> dict:
+  """{synset: {file name: bytes}} of the fake 21k release (see :func:`write_imagenet21k`)."""
   rng = np.random.default_rng(seed)
-  os.makedirs(manual_dir, exist_ok=True)
   per_synset = {s: synset_images(rng, s, images_per_class, size) for s in synsets}
   first = synsets[0]
   per_synset[first][f"{first}_9001.JPEG"] = encode(random_image(rng, *size).convert("CMYK"))
@@ -117,7 +112,36 @@ def write_imagenet21k(manual_dir: str, *, archive: str = "fall11_whole.tar",
   if corrupt_file:
     synset = corrupt_file.split("_")[0]
     per_synset[synset][corrupt_file] = truncated(per_synset[synset][corrupt_file])
+  return per_synset
+
+
+def write_imagenet21k(manual_dir: str, *, archive: str = "fall11_whole.tar",
+                      synsets: Sequence[str] = ("n00004475", "n00005787", "n00006024"),
+                      images_per_class: int = 6, size: tuple[int, int] = (120, 90), seed: int = 0,
+                      corrupt_file: str | None = None) -> dict:
+  """Writes a release-layout archive (gzip if the name ends in .gz); returns {synset: [names]}.
+
+  The first synset also gets a CMYK JPEG and a PNG saved under a .JPEG name; ``corrupt_file``
+  (e.g. ``'n00005787_3.JPEG'``) is written truncated.
+  """
+  per_synset = _imagenet21k_synsets(synsets, images_per_class, size, seed, corrupt_file)
+  os.makedirs(manual_dir, exist_ok=True)
   _write_tar(os.path.join(manual_dir, archive),
              {f"{s}.tar": _tar_bytes(files) for s, files in per_synset.items()},
              gzip=archive.endswith(".gz"))
+  return {s: sorted(f) for s, f in per_synset.items()}
+
+
+def write_imagenet21k_synset_tars(manual_dir: str, *,
+                                  synsets: Sequence[str] = ("n00004475", "n00005787", "n00006024"),
+                                  images_per_class: int = 6, size: tuple[int, int] = (120, 90),
+                                  seed: int = 0, corrupt_file: str | None = None) -> dict:
+  """The release extracted: ``manual_dir/n00004475.tar``, ... (one tar per synset).
+
+  Same content as :func:`write_imagenet21k` with the same arguments; returns {synset: [names]}.
+  """
+  per_synset = _imagenet21k_synsets(synsets, images_per_class, size, seed, corrupt_file)
+  os.makedirs(manual_dir, exist_ok=True)
+  for s, files in per_synset.items():
+    _write_tar(os.path.join(manual_dir, f"{s}.tar"), files)
   return {s: sorted(f) for s, f in per_synset.items()}

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import ml_collections
 import numpy as np
@@ -30,6 +32,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mobilevis_jax.data import config as config_lib
+
+if TYPE_CHECKING:  # the beam extra is optional
+  from apache_beam.options.pipeline_options import PipelineOptions
 
 log = logging.getLogger(__name__)
 Builder = tfds.core.DatasetBuilder  # (for the annotations)
@@ -62,12 +67,45 @@ def get_builder(name: str, *, data_dir: str = "", builder_config: str = "",
   return tfds.builder(builder_name(name, builder_config), **kwargs)
 
 
+def beam_pipeline_options(runner: str, num_workers: int = 0,
+                          options: Sequence[str] = ()) -> PipelineOptions:
+  """Beam ``PipelineOptions`` from command-line style ``options`` (``'--project=p'``, ...).
+
+  ``num_workers`` > 0 with the ``DirectRunner``: that many local worker processes
+  (``direct_running_mode=multi_processing``); with another runner use its own option
+  (``--max_num_workers`` on Dataflow, ``--parallelism`` on Flink, ...).
+  """
+  from apache_beam.options.pipeline_options import PipelineOptions
+  flags = list(options)
+  if num_workers:
+    if runner != "DirectRunner":
+      raise ValueError(f"num_workers sets DirectRunner's local processes; for {runner} pass the "
+                       "runner's own worker option in the Beam options")
+    flags += ["--direct_running_mode=multi_processing", f"--direct_num_workers={num_workers}"]
+  return PipelineOptions(flags)
+
+
 def prepare(name: str, *, data_dir: str = "", manual_dir: str = "", builder_config: str = "",
-            file_format: str = "tfrecord", skip_corrupt: bool = False) -> Builder:
-  """Runs the TFDS builder (``download_and_prepare``) with ``manual_dir``; returns the builder."""
+            file_format: str = "tfrecord", skip_corrupt: bool = False, beam_runner: str = "",
+            num_workers: int = 0, beam_options: Sequence[str] = ()) -> Builder:
+  """Runs the TFDS builder (``download_and_prepare``) with ``manual_dir``; returns the builder.
+
+  ``beam_runner`` (``imagenet22k`` only, the ``beam`` extra): prepare on Apache Beam with that
+  runner (``DirectRunner``, ``DataflowRunner``, ``FlinkRunner``, ``SparkRunner``), ``num_workers``
+  local processes (DirectRunner) and further ``beam_options`` (see :func:`beam_pipeline_options`).
+  """
+  beam = {}
+  if beam_runner or num_workers or beam_options:
+    if name != "imagenet22k":
+      raise ValueError(f"{name} is prepared in one process; only imagenet22k prepares on Beam")
+    if not beam_runner:
+      raise ValueError("num_workers / beam_options need a beam_runner (e.g. DirectRunner)")
+    beam = {"beam_runner": beam_runner,
+            "beam_options": beam_pipeline_options(beam_runner, num_workers, beam_options)}
   builder = get_builder(name, data_dir=data_dir, builder_config=builder_config,
                         file_format=file_format, skip_corrupt=skip_corrupt)
-  dl_config = tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir) or None)
+  dl_config = tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir) or None,
+                                           **beam)
   builder.download_and_prepare(download_config=dl_config)
   return builder
 
