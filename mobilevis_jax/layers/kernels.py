@@ -213,6 +213,10 @@ def _pairs(v, n: int = 2) -> tuple[int, ...]:
   return tuple(v)
 
 
+# Only experiments/bench/bench_tap_barrier.py turns this off, to time the program without it.
+_TAP_BARRIER = True
+
+
 def _out_size(n: int, k: int, s: int, d: int, lo: int, hi: int) -> int:
   return (n + lo + hi - d * (k - 1) - 1) // s + 1
 
@@ -228,6 +232,13 @@ def _taps(x: jax.Array, kh: int, kw: int, strides, padding, dilation) -> tuple[l
   if ho < 1 or wo < 1:
     raise ValueError(f"empty output: {h}x{w} map, {kh}x{kw} kernel, padding {padding}")
   xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))) if any((pt, pb, pl, pr)) else x
+  # Materialise the padded map once. Without the barrier XLA fuses each tap's slice into the
+  # elementwise producer of ``x`` (a residual add, a bias, an activation) and recomputes it per tap;
+  # through a stack of residual blocks that cascades into one loop fusion spanning many blocks,
+  # recomputed ``kh * kw`` times per block: fused RepViT-M2.3 at batch 1 took 2.2 s instead of
+  # 0.24 s and 93 s instead of 7 s to compile (experiments/bench/RESULTS.md, "The tap barrier").
+  if _TAP_BARRIER:
+    xp = jax.lax.optimization_barrier(xp)
   taps = []
   for i in range(kh):
     for j in range(kw):
