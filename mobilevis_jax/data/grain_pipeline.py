@@ -307,6 +307,37 @@ def _epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([int(seed), int(epoch), 0x6A1]).generate_state(1)[0])
 
 
+def _config_key(cfg: ml_collections.ConfigDict) -> str:
+  return json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+
+
+# Traced once per data config and process (RandAugment takes seconds to trace), shared by every
+# iterator of that config: a tf.function is safe to call from many threads.
+@functools.lru_cache(maxsize=8)
+def _train_transform(key: str) -> tf.types.experimental.GenericFunction:
+  image_fn = pipeline._train_image_fn(ml_collections.ConfigDict(json.loads(key)), local_copies=1)
+
+  @tf.function(input_signature=[tf.TensorSpec([2], tf.int64), tf.TensorSpec([], tf.string),
+                                tf.TensorSpec([], tf.int32)], autograph=False)
+  def augment(seed, data, size):
+    return image_fn(seed, data, size)[0]
+  return augment
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_transform(key: str) -> tf.types.experimental.GenericFunction:
+  cfg = ml_collections.ConfigDict(json.loads(key))
+  size = int(cfg.image_size)
+
+  @tf.function(input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
+  def transform(data):
+    img = tf.io.decode_jpeg(data, channels=3)
+    img = transforms.resize_shorter_center_crop(img, size, float(cfg.crop_pct),
+                                                cfg.eval_interpolation, bool(cfg.antialias))
+    return transforms.normalize(tf.reshape(img, [size, size, 3]), cfg.normalization)
+  return transform
+
+
 class GrainTrainIterator(grain.DatasetIterator):
   """This host's train batches (endless), with a global, restorable state (module docstring)."""
 
@@ -317,13 +348,7 @@ class GrainTrainIterator(grain.DatasetIterator):
     self._dataset, self._split = dataset, split
     self._step = int(start_step)
     self._inner = None
-    image_fn = pipeline._train_image_fn(cfg, local_copies=1)
-
-    @tf.function(input_signature=[tf.TensorSpec([2], tf.int64), tf.TensorSpec([], tf.string),
-                                  tf.TensorSpec([], tf.int32)], autograph=False)
-    def augment(seed, data, size):
-      return image_fn(seed, data, size)[0]
-    self._augment = augment
+    self._augment = _train_transform(_config_key(cfg))
     self._key = int(layout.seed) * _SEED_MUL
     max_batch = max(layout.step_size(self._step), layout.gbs // layout.pc)
     self._read_options = grain.ReadOptions(
@@ -448,15 +473,8 @@ class _EvalExamples(grain.MapDataset):
   def __init__(self, cfg, records: _Records, length: int) -> None:
     super().__init__()
     self._records, self._length = records, int(length)
-    size = self._size = int(cfg.image_size)
-
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
-    def transform(data):
-      img = tf.io.decode_jpeg(data, channels=3)
-      img = transforms.resize_shorter_center_crop(img, size, float(cfg.crop_pct),
-                                                  cfg.eval_interpolation, bool(cfg.antialias))
-      return transforms.normalize(tf.reshape(img, [size, size, 3]), cfg.normalization)
-    self._transform = transform
+    self._size = int(cfg.image_size)
+    self._transform = _eval_transform(_config_key(cfg))
 
   def __len__(self) -> int:
     return self._length
