@@ -238,3 +238,22 @@ def test_trainer_interrupted_and_resumed_equals_uninterrupted(digits_ar, tmp_pat
   cfg.num_train_steps = 14
   with pytest.raises(ValueError, match="dataset="):
     train.train_and_evaluate(cfg, str(killed))
+
+
+def test_corrupt_record_error_names_the_file_or_counted_substitution(tmp_path):
+  from mobilevis_jax.data import fake_archives
+  manual, d = str(tmp_path / "manual"), str(tmp_path / "tfds")
+  fake_archives.write_ilsvrc2012(manual, images_per_class=2, num_val=2,
+                                 corrupt_train_file="n01440764_2.JPEG")
+  sources.prepare("imagenet2012", data_dir=d, manual_dir=manual, file_format="array_record")
+  cfg = data_cfg("imagenet2012", d, backend="grain", file_format="array_record", image_size=16)
+  with pytest.raises(data.CorruptImageError, match="n01440764_2.JPEG"):
+    _take(_train(cfg, batch=2), 3)  # 6 records: one epoch
+  cfg.skip_corrupt = True
+  it = _train(cfg, batch=2)
+  batches = _take(it, 6)  # 2 epochs, every step full: the bad record's slot takes the next one
+  assert all(b["image"].shape == (2, 16, 16, 3) for b in batches)
+  assert it.skipped_corrupt == 1
+  again = _take(_train(cfg, batch=2, start_step=4), 2)  # the substitution is a pure function
+  for x, y in zip(batches[4:], again):
+    np.testing.assert_array_equal(x["image"], y["image"])
