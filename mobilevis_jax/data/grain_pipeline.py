@@ -30,18 +30,20 @@ slice of every global batch:
 **Augmentation.** The tf.data backend's TensorFlow transforms (``pipeline._train_image_fn``:
 RandomResizedCrop fused with the JPEG decode, flip, RandAugment / colour jitter, normalisation,
 random erasing; the eval resize + centre crop), run per example as one traced ``tf.function``
-with numpy in and out (TensorFlow releases the GIL, so grain's threads run them in parallel).
-Each example's stateless key is ``(seed * 1_000_003, position)`` with ``position`` its global
-entry index (``repeated_aug`` / ``variable_batch``: ``epoch * 2**32`` + its index in the epoch's
-dealt list), which is the tf.data backend's key of host 0. What differs from the tf.data
-backend: the record order (a global permutation instead of per-host shards); the host layout of
-``repeated_aug`` (global instead of per host; with one host both are DeiT's) and
-``variable_batch`` (devices strided as cvnets deals them instead of contiguous runs); repeated
-copies are decoded once per copy (crop-fused decode, the single-copy path) instead of once per
-image; ``shuffle_buffer`` and ``cache`` are not used (the permutation is exact). Eval batches
-are the tf.data backend's (same host split, same order, same transform; equal to float rounding,
-1e-6: TensorFlow optimises the two graphs differently), except with ``skip_corrupt``, where a
-corrupt record is a masked zero image in place rather than dropped with padding at the end.
+with numpy in and out (TensorFlow releases the GIL, so grain's threads run them in parallel), so
+both backends draw from the same distribution. Each example's stateless key is
+``(seed * 1_000_003, position)`` with ``position`` its global entry index (``repeated_aug`` /
+``variable_batch``: ``epoch * 2**32`` + its index in the epoch's dealt list), independent of the
+host layout; for ``stream`` on one host it is the tf.data backend's key of the same stream
+position. What differs from the tf.data backend: the record order (a global permutation instead
+of per-host shards); the host layout of ``repeated_aug`` (global instead of per host; with one
+host both are DeiT's) and ``variable_batch`` (devices strided as cvnets deals them instead of
+contiguous runs); repeated copies are decoded once per copy (crop-fused decode, the single-copy
+path) instead of once per image; ``shuffle_buffer`` and ``cache`` are not used (the permutation
+is exact). Eval batches are the tf.data backend's (same host split, same order, same transform;
+equal to float rounding, 1e-6: TensorFlow optimises the two graphs differently), except with
+``skip_corrupt``, where a corrupt record is a masked zero image in place rather than dropped
+with padding at the end.
 
 **Corrupt records** (a JPEG without its start or end marker): ``CorruptImageError`` naming the
 file, or with ``skip_corrupt`` a counted substitution by the next record of the epoch's order (a
@@ -50,12 +52,14 @@ pure function of the position, so steps stay full and resumption stays exact).
 **State and resumption.** The iterator's state (:meth:`GrainTrainIterator.get_state`) is the
 global step plus what identifies the stream (dataset fingerprint, split, sampler, seed, global
 batch, device count); it is the same on every host after the same number of steps, as in
-grain's ``ElasticIterator``. Restoring (``set_state``) costs the same at step 10 and at step
-10 million: nothing is read or skipped, the index arithmetic starts at the step (for
-``variable_batch`` the epoch plans up to it are recomputed: numpy, microseconds per epoch). The
-trainer saves it inside each orbax checkpoint through :class:`IteratorStateHandler` (grain's
-orbax ``CheckpointHandler``: one ``process_<i>-of-<n>.json`` per process), and a state from
-another dataset, split, sampler, seed or batch layout is refused with the field named.
+grain's ``ElasticIterator`` (grain's ordinary iterator state, the next index of each worker's
+shard, cannot be mapped onto another shard count; a global position can). Restoring
+(``set_state``) costs the same at step 10 and at step 10 million: nothing is read or skipped,
+the index arithmetic starts at the step (for ``variable_batch`` the epoch plans up to it are
+recomputed: numpy, tens of microseconds per epoch). The trainer saves the state inside each
+orbax checkpoint through :class:`IteratorStateHandler` (grain's orbax ``CheckpointHandler``:
+one ``process_<i>-of-<n>.json`` per process), and a state of another dataset, split, sampler,
+seed or batch layout is refused with the field named.
 
 **Restoring onto a different process count** (e.g. 2 hosts -> 1): grain's handler looks for the
 file of this process and count; :class:`IteratorStateHandler` falls back to any process's file
