@@ -70,7 +70,8 @@ class TrainCheckpointer:
     when that checkpoint has none (e.g. written with the tf.data backend). Outside
     `restore_latest`'s fall-back on purpose: a state of another data stream is a configuration
     error to report, not a damaged checkpoint to skip."""
-    if not os.path.isdir(os.path.join(str(self.directory), str(step), _DATA)):
+    from etils import epath  # as orbax: also gs:// and other registered filesystems
+    if not (epath.Path(self.directory) / str(step) / _DATA).exists():
       return False
     self.manager.restore(step, args=ocp.args.Composite(**{_DATA: data_args}))
     return True
