@@ -325,6 +325,7 @@ def _train_transform(key: str) -> tf.types.experimental.GenericFunction:
                                 tf.TensorSpec([], tf.int32)], autograph=False)
   def augment(seed, data, size):
     return image_fn(seed, data, size)[0]
+  augment.get_concrete_function()  # trace now, not concurrently in the first calls' threads
   return augment
 
 
@@ -339,6 +340,7 @@ def _eval_transform(key: str) -> tf.types.experimental.GenericFunction:
     img = transforms.resize_shorter_center_crop(img, size, float(cfg.crop_pct),
                                                 cfg.eval_interpolation, bool(cfg.antialias))
     return transforms.normalize(tf.reshape(img, [size, size, 3]), cfg.normalization)
+  transform.get_concrete_function()
   return transform
 
 
