@@ -30,9 +30,9 @@ try:
 except RuntimeError:  # TF already initialised its devices; they were hidden then or never seen
   pass
 
+from mobilevis_jax.data import config, pipeline, synthetic
 from mobilevis_jax.data import digits_builder as _digits_builder  # noqa: F401 (registers)
 from mobilevis_jax.data import imagenet22k_builder as _imagenet22k_builder  # noqa: F401
-from mobilevis_jax.data import pipeline, synthetic
 from mobilevis_jax.data.config import default_data_config, validate_data_config
 from mobilevis_jax.data.image_check import CorruptImageError
 from mobilevis_jax.data.pipeline import (
@@ -49,13 +49,20 @@ __all__ = ["CorruptImageError", "TrainSchedule", "dataset_info", "default_data_c
            "validate_data_config"]
 
 
-def get_source(name: str) -> types.ModuleType:
+def get_source(name: str, backend: str = "tfdata") -> types.ModuleType:
   """The input source serving dataset ``name``: a module with ``train_iterator``,
   ``eval_iterator`` and ``dataset_info`` (the trainer's one entry point into this package).
 
   ``'synthetic'`` is :mod:`mobilevis_jax.data.synthetic` (trainer tests and benchmarks, no files);
-  every other name goes to the TFDS pipeline, which validates it against its dataset table.
+  every other name goes to the TFDS pipeline of ``backend`` (``data.backend``: ``'tfdata'``,
+  :mod:`~mobilevis_jax.data.pipeline`, or ``'grain'``,
+  :mod:`~mobilevis_jax.data.grain_pipeline`), which validates it against its dataset table.
   """
   if name == "synthetic":
     return synthetic
+  if backend == "grain":
+    from mobilevis_jax.data import grain_pipeline  # imports grain only when asked for
+    return grain_pipeline
+  if backend != "tfdata":
+    raise ValueError(f"data.backend={backend!r}; expected one of {config.BACKENDS}")
   return pipeline

@@ -24,6 +24,7 @@ import ml_collections
 DATASETS = ("mobilevis_digits", "imagenet2012", "imagenet22k")
 NORMALIZATIONS = ("imagenet", "parc_bgr", "none")
 INTERPOLATIONS = ("bilinear", "bicubic", "random")
+BACKENDS = ("tfdata", "grain")
 
 
 def default_data_dir() -> str:
@@ -44,6 +45,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     default.
   * ``data_dir``: TFDS data directory; '' means ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``.
   * ``file_format``: ``tfrecord`` or ``array_record`` (used when preparing; reading detects it).
+  * ``backend``: the input pipeline: ``tfdata`` (:mod:`~mobilevis_jax.data.pipeline`, any build)
+    or ``grain`` (:mod:`~mobilevis_jax.data.grain_pipeline`: ArrayRecord builds only, so
+    ``file_format='array_record'``; global shuffling, the iterator state in the checkpoint,
+    restorable onto another process count).
   * ``train_split`` / ``eval_split``: TFDS split names (any TFDS split expression, e.g.
     ``train[:90%]``).
   * ``image_size``: train crop size and eval crop size (pixels, square).
@@ -87,6 +92,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.builder_config = ""
   c.data_dir = ""
   c.file_format = "tfrecord"
+  c.backend = "tfdata"
   c.train_split = "train"
   c.eval_split = "validation"
   c.image_size = 32
@@ -168,6 +174,13 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"data.random_erasing={cfg.random_erasing}; expected a probability")
   if cfg.file_format not in ("tfrecord", "array_record"):
     raise ValueError(f"data.file_format={cfg.file_format!r}; expected 'tfrecord' or 'array_record'")
+  backend = cfg.get("backend", "tfdata")
+  if backend not in BACKENDS:
+    raise ValueError(f"data.backend={backend!r}; expected one of {BACKENDS}")
+  if backend == "grain" and cfg.file_format != "array_record":
+    raise ValueError("data.backend='grain' reads ArrayRecord builds (random access): set "
+                     "data.file_format='array_record' (and prepare the dataset with "
+                     "--file-format array_record)")
   if cfg.randaugment:
     from mobilevis_jax.data.randaugment import parse_randaugment
     parse_randaugment(cfg.randaugment)  # raises ValueError on a bad string

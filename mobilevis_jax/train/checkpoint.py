@@ -4,7 +4,9 @@ Training checkpoints live in `<workdir>/checkpoints/<step>/` (an orbax `Checkpoi
 saves, keep-N; `Preemption` says when to save before a kill). Each holds the whole `TrainState`
 (parameters, BatchNorm statistics, optimiser state, EMA, step, RNG key) plus a JSON `meta` item
 with the data position (the number of global batches consumed, from which the input pipeline
-restarts) and the model name and kwargs. Restoring walks back from the newest step: a step that
+restarts) and the model name and kwargs; with the grain input backend also a `data` item, the
+iterator's own state (`data/grain_pipeline.py`: one JSON file per process, restorable onto
+another process count). Restoring walks back from the newest step: a step that
 fails to restore (truncated or corrupt files, e.g. a run killed while writing) is reported in a
 log line and the previous one is used.
 
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _STATE = 'state'
 _META = 'meta'
+_DATA = 'data'  # the input iterator's own state (grain backend: data/grain_pipeline.py)
 _VARIABLES = 'variables'
 _META_FILE = 'meta.json'
 
@@ -44,17 +47,34 @@ def checkpoint_dir(workdir: str) -> str:
 class TrainCheckpointer:
   """A CheckpointManager over `<workdir>/checkpoints` that restores the newest readable step."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, use_async: bool = True) -> None:
+  def __init__(self, workdir: str, *, keep: int = 3, use_async: bool = True,
+               data_handler: Any = None) -> None:
     self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async,
                                            create=True)
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()})
+    handlers = {_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}
+    if data_handler is not None:  # an input iterator that checkpoints its own state (grain)
+      handlers[_DATA] = data_handler
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
-  def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}), force=force)
+  def save(self, step: int, state: Any, meta: dict, *, force: bool = False,
+           data_args: Any = None) -> bool:
+    """Saves `state` and `meta` (and, given `data_args`, the input iterator's state item)."""
+    items = {_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
+    if data_args is not None:
+      items[_DATA] = data_args
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore_data(self, step: int, data_args: Any) -> bool:
+    """Restores the input iterator's state item of checkpoint `step` through `data_args`; False
+    when that checkpoint has none (e.g. written with the tf.data backend). Outside
+    `restore_latest`'s fall-back on purpose: a state of another data stream is a configuration
+    error to report, not a damaged checkpoint to skip."""
+    from etils import epath  # as orbax: also gs:// and other registered filesystems
+    if not (epath.Path(self.directory) / str(step) / _DATA).exists():
+      return False
+    self.manager.restore(step, args=ocp.args.Composite(**{_DATA: data_args}))
+    return True
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -292,7 +292,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   is_main = jax.process_index() == 0
 
   # --- input ---
-  source = data.get_source(cfg.data.name)
+  source = data.get_source(cfg.data.name, cfg.data.get('backend', 'tfdata'))
   info = source.dataset_info(cfg.data)
   num_classes = cfg.num_classes if cfg.num_classes > 0 else int(info['num_classes'])
   if cfg.data.train_split not in info['splits']:
@@ -332,8 +332,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
     teacher_vars = distributed.replicate(dict(teacher_vars), mesh)
 
   # --- checkpoint: auto-resume ---
+  # An input iterator with its own state (grain) is saved and restored with every checkpoint.
+  data_handler = getattr(source, 'IteratorStateHandler', None)
   checkpointer = ckpt_lib.TrainCheckpointer(workdir, keep=cfg.checkpoint_keep,
-                                            use_async=cfg.checkpoint_async)
+                                            use_async=cfg.checkpoint_async,
+                                            data_handler=data_handler and data_handler())
   restored = checkpointer.restore_latest(_abstract(state.as_dict(), replicated))
   last_good = None
   if restored is not None:
@@ -356,6 +359,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
                'model_kwargs': {'num_classes': num_classes, **model_kwargs}}
   train_iter = source.train_iterator(cfg.data, global_batch_size=gbs, seed=cfg.seed,
                                      start_step=start_step, num_devices=n_devices)
+  if data_handler is not None and last_good is not None:
+    # The saved state places the iterator (and is checked against this run's data stream); a
+    # checkpoint without one (written with the tf.data backend) keeps the start_step position.
+    checkpointer.restore_data(last_good, train_iter.checkpoint_restore_args())
+    if train_iter.step != start_step:
+      raise ValueError(f'checkpoint {last_good}: the input iterator state is at step '
+                       f'{train_iter.step}, the training state at {start_step}')
   tracker = (best_lib.BestTracker(workdir, keep_best_ema=cfg.keep_best_ema, meta=meta_base)
              if cfg.track_best else None)
 
@@ -385,7 +395,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
     nonlocal last_good
     flush()  # never checkpoint a state whose loss went non-finite
     meta = {**meta_base, 'step': step_no, 'data_position': step_no}
-    if checkpointer.save(step_no, state.as_dict(), meta, force=force):
+    data_args = train_iter.checkpoint_save_args() if data_handler is not None else None
+    if checkpointer.save(step_no, state.as_dict(), meta, force=force, data_args=data_args):
       last_good = step_no
 
   try:
