@@ -95,12 +95,13 @@ def main(argv=None) -> int:
     r = {b: time_program(model, variables, hw, args.runs, b) for b in order}
     on, off = r[True], r[False]
     row = {'model': name, 'resolution': list(hw), 'barrier': on, 'no_barrier': off,
-           'run_speedup': off['ms'] / on['ms'], 'compile_speedup': off['compile_s'] / on['compile_s']}
+           'run_speedup': off['ms'] / on['ms'],
+           'compile_speedup': off['compile_s'] / on['compile_s']}
     rows.append(row)
     cell = lambda t: f"{t['ms']:8.1f} ms ({t['p10']:6.1f}-{t['p90']:6.1f})"  # noqa: E731
     print(f"{name:18s} {hw[0]:3d}x{hw[1]:<3d} | {on['compile_s']:14.1f} s {cell(on)} | "
-          f"{off['compile_s']:11.1f} s {cell(off)} | {row['run_speedup']:5.2f}x {row['compile_speedup']:5.2f}x",
-          flush=True)
+          f"{off['compile_s']:11.1f} s {cell(off)} | {row['run_speedup']:5.2f}x "
+          f"{row['compile_speedup']:5.2f}x", flush=True)
   print(json.dumps({'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(),
                     'load_avg_1min': os.getloadavg()[0], 'runs': args.runs, 'rows': rows}))
   return 0
