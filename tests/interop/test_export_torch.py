@@ -20,20 +20,18 @@ import pytest
 import mobilevis_jax as mv
 from mobilevis_jax import cli, interop
 from tests.helpers import randomize_bn_, randomize_mobilevig_, randomize_repvit_
+from tests.interop import export_cases
 
 torch = pytest.importorskip("torch")
 from mobilevis_jax import torch_models  # noqa: E402  (needs torch)
 
-# name: (resolution (H, W), model kwargs)
-CASES = {
-    "repvit_m0_6": ((32, 32), {"distillation": True}),
-    "mobilevig_ti": ((64, 64), {}),
-    "parameternet_300m": ((32, 32), {}),
-    "ghostnet_050": ((32, 32), {}),
-    "parcnet_xs": ((64, 96), {}),
-    "parc_mobilenetv2": ((64, 96), {}),
-    "regnety_002": ((32, 32), {}),
-}
+# name: (resolution (H, W), model kwargs): the converters' table, one model per family. The
+# converter tests also take ParC-ConvNeXt-XT and ParC-ResNet50, whose graphs (large-kernel
+# depthwise, dense ParC) each converter must accept; the packaged PyTorch modules of those two
+# are checked against JAX at 224 px and at non-square sizes in tests/models/test_parc_convnets.py,
+# so here the family is parc_mobilenetv2 (deployable export, baked ParC, loading).
+CASES = {name: case for name, case in export_cases.CASES.items()
+         if name not in ("parc_convnext_xt", "parc_resnet50")}
 
 
 def _randomize(name: str, module):
