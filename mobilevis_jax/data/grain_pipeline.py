@@ -101,10 +101,6 @@ from mobilevis_jax.data.pipeline import (  # noqa: F401  (this backend's schedul
 log = logging.getLogger(__name__)
 
 STATE_KIND = "mobilevis_grain_train/1"
-# The tf.data backend folds the host into its key as seed * 1_000_003 + process_index; the grain
-# layout is global, so every host uses host 0's key.
-_SEED_MUL = 1_000_003
-_EOI_SEARCH_BYTES = 1024  # as transforms.jpeg_is_complete
 # A MapDataset needs a length; the train stream is endless (as grain's repeat(None)).
 _ENDLESS = 1 << 62
 
@@ -139,7 +135,7 @@ def fingerprint(builder, split: str) -> str:
 def _jpeg_ok(data: bytes) -> bool:
   # The tf.data backend's check (pipeline._is_jpeg_ok) in numpy: start marker, end marker in the
   # last KiB.
-  return data[:2] == b"\xff\xd8" and b"\xff\xd9" in data[-_EOI_SEARCH_BYTES:]
+  return data[:2] == b"\xff\xd8" and b"\xff\xd9" in data[-transforms._EOI_SEARCH_BYTES:]
 
 
 class _Records:
@@ -331,15 +327,11 @@ def _train_transform(key: str) -> tf.types.experimental.GenericFunction:
 
 @functools.lru_cache(maxsize=8)
 def _eval_transform(key: str) -> tf.types.experimental.GenericFunction:
-  cfg = ml_collections.ConfigDict(json.loads(key))
-  size = int(cfg.image_size)
+  image_fn = pipeline._eval_image_fn(ml_collections.ConfigDict(json.loads(key)))
 
   @tf.function(input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
   def transform(data):
-    img = tf.io.decode_jpeg(data, channels=3)
-    img = transforms.resize_shorter_center_crop(img, size, float(cfg.crop_pct),
-                                                cfg.eval_interpolation, bool(cfg.antialias))
-    return transforms.normalize(tf.reshape(img, [size, size, 3]), cfg.normalization)
+    return image_fn(data)
   transform.get_concrete_function()
   return transform
 
@@ -355,7 +347,8 @@ class GrainTrainIterator(grain.DatasetIterator):
     self._step = int(start_step)
     self._inner = None
     self._augment = _train_transform(_config_key(cfg))
-    self._key = int(layout.seed) * _SEED_MUL
+    # The layout is global, so every host uses host 0's key of the tf.data backend.
+    self._key = sources.host_seed(layout.seed, 0)
     max_batch = max(layout.step_size(self._step), layout.gbs // layout.pc)
     self._read_options = grain.ReadOptions(
         num_threads=_threads(cfg), prefetch_buffer_size=max(int(cfg.prefetch), 1) * max_batch)

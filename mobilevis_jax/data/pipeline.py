@@ -440,7 +440,7 @@ def train_iterator(cfg: ml_collections.ConfigDict, *, global_batch_size: int, se
   builder = sources.builder_for(cfg)
   parse = _parse_fn(builder)
   counter = _SkipCounter()
-  host_seed = int(seed) * 1_000_003 + process_index
+  host_seed = sources.host_seed(seed, process_index)
   shard_kw = dict(seed=seed, process_index=process_index, process_count=process_count,
                   shuffle_buffer=int(cfg.shuffle_buffer), cache=bool(cfg.cache))
   kind = sampler_name(cfg)
@@ -614,6 +614,19 @@ def _variable_batch_dataset(cfg, epoch_records, host_seed, *, num_examples, glob
 # ----------------------------------------------------------------------------- eval
 
 
+def _eval_image_fn(cfg: ml_collections.ConfigDict):
+  """The eval transform of one JPEG (both input backends): decode, resize the shorter side to
+  ``image_size / crop_pct``, centre crop ``image_size``, normalise."""
+  size = int(cfg.image_size)
+
+  def image(data):
+    img = tf.io.decode_jpeg(data, channels=3)
+    img = transforms.resize_shorter_center_crop(img, size, float(cfg.crop_pct),
+                                                cfg.eval_interpolation, bool(cfg.antialias))
+    return transforms.normalize(tf.reshape(img, [size, size, 3]), cfg.normalization)
+  return image
+
+
 def eval_iterator(cfg: ml_collections.ConfigDict, *, global_batch_size: int,
                   process_index: int | None = None,
                   process_count: int | None = None) -> BatchIterator:
@@ -630,14 +643,11 @@ def eval_iterator(cfg: ml_collections.ConfigDict, *, global_batch_size: int,
   counter = _SkipCounter()
   ds = _guard_corrupt(records.map(_plain(parse)), bool(cfg.skip_corrupt), counter)
   size = int(cfg.image_size)
+  image = _eval_image_fn(cfg)
 
   def example(data, label, name):
     del name
-    img = tf.io.decode_jpeg(data, channels=3)
-    img = transforms.resize_shorter_center_crop(img, size, float(cfg.crop_pct),
-                                                cfg.eval_interpolation, bool(cfg.antialias))
-    img = transforms.normalize(tf.reshape(img, [size, size, 3]), cfg.normalization)
-    return {"image": img, "label": label, "mask": tf.constant(1.0)}
+    return {"image": image(data), "label": label, "mask": tf.constant(1.0)}
 
   ds = ds.map(_plain(example), num_parallel_calls=int(cfg.num_parallel_calls), deterministic=True)
   pad = tf.data.Dataset.from_tensors({

@@ -44,6 +44,12 @@ _plain = tf.autograph.experimental.do_not_convert  # our dataset functions need 
 _AUTO_PREPARE = ("mobilevis_digits",)
 
 
+def host_seed(seed: int, process_index: int) -> int:
+  """The seed of one host's stream: hosts must shuffle and augment differently, so the host is
+  folded into the run's seed (the grain backend, whose layout is global, uses host 0's)."""
+  return int(seed) * 1_000_003 + process_index
+
+
 def _data_dir(cfg_or_dir) -> str:
   d = cfg_or_dir if isinstance(cfg_or_dir, str) else cfg_or_dir.data_dir
   return os.path.expanduser(d) if d else config_lib.default_data_dir()
@@ -211,7 +217,7 @@ class TrainShard:
     instructions, n = host_shards(builder, split, process_index, process_count)
     self.num_examples = n
     # Hosts must shuffle differently: fold the host into the seed.
-    self._host_seed = int(seed) * 1_000_003 + process_index
+    self._host_seed = host_seed(seed, process_index)
     self._fmt = _file_format(builder)
     if self._fmt not in ("array_record", "tfrecord"):
       raise ValueError(f"{builder.name}: unsupported file format {self._fmt!r}")
