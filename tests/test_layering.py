@@ -9,8 +9,9 @@ Layers, lowest first (a package may import only those listed for it):
 
     layers     <- jax / flax / numpy / stdlib only
     models     <- layers
-    interop    <- layers, models, torch_models (inside functions only)
+    interop    <- layers, models, fs, torch_models (inside functions only)
     profiling  <- layers, models
+    fs         <- etils / stdlib only (local or remote paths)
     data       <- data only (TensorFlow lives here)
     torch_models <- torch_models only (torch lives here)
     train      <- anything but cli; its step (train/step.py) reaches neither data nor TensorFlow
@@ -34,12 +35,14 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 ALLOWED = {
     "layers": {"layers"},
     "models": {"layers", "models"},
-    "interop": {"layers", "models", "interop", "torch_models"},
+    "interop": {"layers", "models", "interop", "torch_models", "fs"},
     "profiling": {"layers", "models"},
     # data may reach down to layers (the bottom layer) for its one shared helper, cvnets' batch
     # rounding = layers.make_divisible; never to models or train.
     "data": {"data", "layers"},
     "timing": set(),
+    # Paths that may be local or remote (etils.epath): the stdlib and etils only.
+    "fs": set(),
     # The packaged PyTorch modules: torch only, nothing of the JAX side.
     "torch_models": {"torch_models"},
 }
@@ -235,3 +238,11 @@ def test_torch_models_is_imported_only_inside_functions():
          for n in _module_level_imports(path) if n.startswith(f"{PACKAGE}.torch_models")]
   assert not bad, bad
   assert "torch" in EXTERNAL["mobilevis_jax.torch_models.repvit"]  # the scan sees the subpackage
+
+
+def test_fs_uses_only_etils_and_the_stdlib():
+  # The path layer is imported by the trainer and interop alike; it must stay light (no
+  # TensorFlow, no orbax) so that importing it never loads a framework.
+  assert "mobilevis_jax.fs" in EXTERNAL and "etils" in EXTERNAL["mobilevis_jax.fs"]
+  bad = sorted(EXTERNAL["mobilevis_jax.fs"] - {"etils"} - set(sys.stdlib_module_names))
+  assert not bad, bad

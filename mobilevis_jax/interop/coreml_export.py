@@ -41,6 +41,7 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from mobilevis_jax import fs
 from mobilevis_jax.interop.export import deployable_torch_module
 from mobilevis_jax.models import registry
 
@@ -87,6 +88,8 @@ def check_coreml_path(path: str | os.PathLike) -> str:
   if not path.rstrip("/").endswith(".mlpackage"):
     raise ValueError(f"a Core ML ML program is a .mlpackage directory, got {path!r}")
   path = path.rstrip("/")
+  if fs.is_remote(path):  # object stores have no directories to check; the upload checks
+    return path
   directory = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"output directory {directory} does not exist (for {path})")
@@ -188,7 +191,8 @@ def export_coreml(name: str, variables: Mapping, path: str | os.PathLike, *,
       model (or other kwargs) are a StateDictError naming the leaves that differ.
     path: a ``.mlpackage`` in an existing directory. Built in a temporary directory beside it
       and renamed into place, so a failed export leaves nothing at ``path`` (an existing package
-      stays as it was).
+      stays as it was). A URI (``gs://...``) is built locally and then uploaded file by file
+      (object stores cannot rename a directory, so there a failed upload can leave a part).
     resolution: the input size (``H``, ``'HxW'`` or ``(H, W)``; default: the model's). The
       program takes exactly ``[1, 3, H, W]`` float32 (NCHW, batch 1) named ``image`` and
       returns ``[1, num_classes]`` ``logits``; the ParC families bake their kernels for it.
@@ -218,12 +222,19 @@ def export_coreml(name: str, variables: Mapping, path: str | os.PathLike, *,
   mlmodel.user_defined_metadata.update(meta)
   mlmodel.short_description = (f"mobilevis_jax {name} ({precision}), input {INPUT_NAME} "
                                f"[1, 3, {h}, {w}] float32 NCHW, output {OUTPUT_NAME}")
-  scratch = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+  remote = fs.is_remote(path)
+  # Locally the package is built beside its destination (same filesystem, so the rename is
+  # atomic); for a URI it is built in the system's temporary directory and uploaded.
+  scratch = tempfile.mkdtemp(prefix=".tmp-",
+                             dir=None if remote else os.path.dirname(os.path.abspath(path)))
   try:
     built = os.path.join(scratch, os.path.basename(path))
     mlmodel.save(built)
     summary = coreml_summary(built)
-    _replace_dir(built, path, scratch)
+    if remote:
+      fs.upload_tree(built, path)
+    else:
+      _replace_dir(built, path, scratch)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   return {**summary, **header}

@@ -27,10 +27,10 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from mobilevis_jax import fs
 from mobilevis_jax.interop.export import _check_resolution, _check_variables, parse_resolution
 from mobilevis_jax.models import registry
 
@@ -73,29 +73,18 @@ class Deployable:
 
 
 def check_output_path(path: str | os.PathLike, suffix: str) -> str:
-  """``path`` as a string after checking its suffix and that its directory exists (fail fast)."""
+  """``path`` as a string after checking its suffix and, for a local path, that its directory
+  exists (fail fast). A URI (``gs://...``) is not checked beyond its suffix: object stores have no
+  directories, and the bucket is checked by the write."""
   path = os.fspath(path)
   if not path.endswith(suffix):
     raise ValueError(f"the output file must end in {suffix}, got {path!r}")
+  if fs.is_remote(path):
+    return path
   directory = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"output directory {directory} does not exist (for {path})")
   return path
-
-
-def write_atomic(path: str, data: bytes) -> None:
-  """Write ``data`` to a temporary file next to ``path`` and rename it into place, so a failure
-  never leaves a half-written file at ``path`` (a previous file there stays as it was)."""
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1],
-                             dir=os.path.dirname(os.path.abspath(path)))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def deployable(name: str, variables: Mapping, *, resolution: int | str | tuple[int, int] | None,

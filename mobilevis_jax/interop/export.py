@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mobilevis_jax import fs
 from mobilevis_jax.interop.state_dict import StateDictError, to_torch_state_dict
 from mobilevis_jax.models import registry
 
@@ -157,7 +158,11 @@ def export_torch(name: str, variables: Mapping, path: str | os.PathLike, *,
   """
   from mobilevis_jax import torch_models
 
-  path = torch_models.check_output_path(path)
+  path = os.fspath(path)
+  if not fs.is_remote(path):
+    path = torch_models.check_output_path(path)
+  elif not path.endswith(".safetensors"):  # the same refusal, for a URI (no directory to check)
+    torch_models.check_output_path(path)
   module, info = deployable_torch_module(name, variables, resolution=resolution, fuse=fuse,
                                          **model_kwargs)
   extra = dict(metadata or {})
@@ -165,6 +170,8 @@ def export_torch(name: str, variables: Mapping, path: str | os.PathLike, *,
   if cfg is not None:
     # How to feed the model (eval transform, input convention: ParC-Net takes BGR in [0, 1]).
     extra.setdefault("pretrained_cfg", json.dumps(dataclasses.asdict(cfg)))
-  torch_models.save(module, path, name=name, kwargs=model_kwargs, resolution=info["resolution"],
-                    fused=info["fused"], baked=info["baked"], metadata=extra)
-  return torch_models.read_header(path)
+  with fs.local_output(path) as local:
+    torch_models.save(module, local, name=name, kwargs=model_kwargs,
+                      resolution=info["resolution"], fused=info["fused"], baked=info["baked"],
+                      metadata=extra)
+    return torch_models.read_header(local)

@@ -6,11 +6,13 @@ of tensors, so a checkpoint with a code payload is rejected instead of run.
 """
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping
 
 import numpy as np
 
+from mobilevis_jax import fs
 from mobilevis_jax.interop.state_dict import StateDictError, _to_numpy
 
 # Keys under which official training scripts nest the model's state_dict.
@@ -38,10 +40,12 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
   path = os.fspath(path)
   arrays = {k: np.ascontiguousarray(_to_numpy(v)) for k, v in state_dict.items()}
   metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+  if not path.endswith((".safetensors", *PTH_SUFFIXES)):
+    raise ValueError(f"unknown weight file type {path!r}: use .safetensors or .pth")
   if path.endswith(".safetensors"):
-    from safetensors.numpy import save_file
-    save_file(arrays, path, metadata=metadata or None)
-  elif path.endswith(PTH_SUFFIXES):
+    from safetensors.numpy import save
+    fs.write_bytes_atomic(path, save(arrays, metadata=metadata or None))
+  else:
     torch = _require_torch()
     sd = {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
     if metadata and not checkpoint_key:
@@ -49,23 +53,24 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
     obj = {checkpoint_key: sd} if checkpoint_key else sd
     if metadata:
       obj["metadata"] = metadata
-    torch.save(obj, path)
-  else:
-    raise ValueError(f"unknown weight file type {path!r}: use .safetensors or .pth")
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    fs.write_bytes_atomic(path, buffer.getvalue())
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
   """The string metadata :func:`save_state_dict` wrote ({} when the file has none)."""
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(path)
-  if path.endswith(".safetensors"):
-    from safetensors import safe_open
-    with safe_open(path, framework="numpy") as f:
-      return dict(f.metadata() or {})
-  if not path.endswith(PTH_SUFFIXES):
+  if not path.endswith((".safetensors", *PTH_SUFFIXES)):
     raise ValueError(f"unknown weight file type {path!r}: use .safetensors or .pth")
-  obj = _require_torch().load(path, map_location="cpu", weights_only=True)
+  with fs.local_input(path) as local:
+    if path.endswith(".safetensors"):
+      from safetensors import safe_open
+      with safe_open(local, framework="numpy") as f:
+        return dict(f.metadata() or {})
+    obj = _require_torch().load(local, map_location="cpu", weights_only=True)
   meta = obj.get("metadata", {}) if isinstance(obj, dict) else {}
   return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
@@ -74,20 +79,22 @@ def load_state_dict(path: str | os.PathLike, checkpoint_key: str | None = None) 
   """Read a state_dict from ``.safetensors`` or ``.pth`` (never unpickling arbitrary objects).
 
   For ``.pth`` files holding a training checkpoint, the state_dict is taken from
-  ``checkpoint_key`` or, when not given, the first of ``model``, ``state_dict``.
+  ``checkpoint_key`` or, when not given, the first of ``model``, ``state_dict``. ``path`` may be
+  local or on any epath filesystem (``gs://...``).
   """
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(path)
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return dict(load_file(path))
-  if not path.endswith(PTH_SUFFIXES):
+  if not path.endswith((".safetensors", *PTH_SUFFIXES)):
     raise ValueError(f"unknown weight file type {path!r}: use .safetensors or .pth")
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load
+    return dict(load(fs.read_bytes(path)))
   torch = _require_torch()
   import pickle
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with fs.local_input(path) as local:
+      obj = torch.load(local, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     raise StateDictError(f"refusing to load {path}: it holds objects other than tensors, which "
                          f"would run code on unpickling ({str(e).splitlines()[0]})") from None

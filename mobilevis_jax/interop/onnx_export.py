@@ -36,11 +36,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from mobilevis_jax import fs
 from mobilevis_jax.interop.deploy import (
   check_output_path,
   deployable,
   export_kernels,
-  write_atomic,
 )
 
 LAYOUTS = ("nchw", "nhwc")
@@ -98,7 +98,7 @@ def export_onnx(name: str, variables: Mapping, path: str | os.PathLike, *,
   onnx.checker.check_model(proto)
   data = proto.SerializeToString()
   _check_runs(data, shape)
-  write_atomic(path, data)
+  fs.write_bytes_atomic(path, data)
   return {**metadata, "path": path, "input_shape": list(shape), "input_name": INPUT_NAME,
           "output_name": OUTPUT_NAME}
 

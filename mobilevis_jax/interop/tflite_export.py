@@ -41,11 +41,11 @@ from typing import Any
 
 import numpy as np
 
+from mobilevis_jax import fs
 from mobilevis_jax.interop.deploy import (
   check_output_path,
   deployable,
   export_kernels,
-  write_atomic,
 )
 from mobilevis_jax.interop.export import parse_resolution
 
@@ -154,6 +154,6 @@ def export_tflite(name: str, variables: Mapping, path: str | os.PathLike, *,
   out = run(interpreter(blob), np.zeros(shape, np.float32))
   if out.ndim != 2 or out.shape[0] != 1:
     raise RuntimeError(f"the exported model returned shape {out.shape}, not (1, classes)")
-  write_atomic(path, blob)
+  fs.write_bytes_atomic(path, blob)
   return {**dep.metadata, "quantize": quantize, "layout": "nhwc", "input_shape": list(shape),
           "path": path, "bytes": len(blob)}

@@ -18,14 +18,13 @@ cvnets averages the EMA state_dicts (buffers included).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from mobilevis_jax import fs
 from mobilevis_jax.train import checkpoint as ckpt_lib
 
 _BEST = 'best'
@@ -33,7 +32,7 @@ _RECORD = 'best.json'
 
 
 def best_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), _BEST)
+  return fs.join(workdir, _BEST)
 
 
 class BestTracker:
@@ -43,14 +42,14 @@ class BestTracker:
     self.directory = best_dir(workdir)
     self.keep_best_ema = int(keep_best_ema)
     self.meta = dict(meta or {})
-    path = os.path.join(self.directory, _RECORD)
-    self.record = json.load(open(path)) if os.path.exists(path) else {'ema_top': []}
+    path = fs.join(self.directory, _RECORD)
+    self.record = json.loads(fs.read_text(path)) if fs.exists(path) else {'ema_top': []}
     self.record.setdefault('ema_top', [])
 
   def _save(self, sub: str, variables: Any, step: int, top1: float) -> None:
-    target = os.path.join(self.directory, sub)
-    if jax.process_index() == 0 and os.path.isdir(target):
-      shutil.rmtree(target)
+    target = fs.join(self.directory, sub)
+    if jax.process_index() == 0:
+      fs.rmtree(target)
     extra = {k: v for k, v in self.meta.items() if k != 'model_name'}
     ckpt_lib.save_variables(target, variables, model_name=self.meta.get('model_name', ''),
                             extra={**extra, 'step': int(step), 'top1': float(top1)})
@@ -84,32 +83,29 @@ class BestTracker:
                     key=lambda e: (-e['top1'], e['step']))
     keep, drop = ranked[:self.keep_best_ema], ranked[self.keep_best_ema:]
     if any(e['step'] == step for e in keep):
-      self._save(os.path.join('ema_top', str(step)), variables, step, top1)
+      self._save(f'ema_top/{step}', variables, step, top1)
     if jax.process_index() == 0:
       for e in drop:
-        shutil.rmtree(os.path.join(self.directory, 'ema_top', str(e['step'])), ignore_errors=True)
+        fs.rmtree(fs.join(self.directory, 'ema_top', str(e['step'])))
     self.record['ema_top'] = keep
 
   def _write_record(self) -> None:
     if jax.process_index() != 0:
       return
-    os.makedirs(self.directory, exist_ok=True)
-    tmp = os.path.join(self.directory, _RECORD + '.tmp')
-    with open(tmp, 'w') as f:
-      json.dump(self.record, f, indent=1)
-    os.replace(tmp, os.path.join(self.directory, _RECORD))
+    fs.makedirs(self.directory)
+    fs.write_text_atomic(fs.join(self.directory, _RECORD), json.dumps(self.record, indent=1))
 
 
 def best_ema_checkpoints(workdir: str, k: int) -> list[str]:
   """The directories of the k best EMA evaluations of a work directory, best first."""
-  path = os.path.join(best_dir(workdir), _RECORD)
-  if not os.path.exists(path):
+  path = fs.join(best_dir(workdir), _RECORD)
+  if not fs.exists(path):
     raise FileNotFoundError(f'{workdir} has no {_BEST}/{_RECORD}: train with keep_best_ema > 0')
-  top = json.load(open(path)).get('ema_top', [])
+  top = json.loads(fs.read_text(path)).get('ema_top', [])
   if len(top) < k:
     raise ValueError(f'{workdir} kept {len(top)} best EMA checkpoints, fewer than k={k} '
                      '(raise keep_best_ema for the run, or lower k)')
-  return [os.path.join(best_dir(workdir), 'ema_top', str(e['step'])) for e in top[:k]]
+  return [fs.join(best_dir(workdir), 'ema_top', str(e['step'])) for e in top[:k]]
 
 
 def average_variables(trees: Sequence[Any]) -> Any:
@@ -141,7 +137,7 @@ def average_checkpoints(paths: Sequence[str], out: str) -> dict:
   model_name = meta.pop('model_name', '') or ''
   meta.pop('step', None)
   meta.pop('top1', None)
-  meta['averaged'] = [{'path': os.path.abspath(p), 'step': m.get('step'), 'top1': m.get('top1')}
+  meta['averaged'] = [{'path': fs.join(p), 'step': m.get('step'), 'top1': m.get('top1')}
                       for p, (_, m) in zip(paths, loaded)]
   ckpt_lib.save_variables(out, variables, model_name=model_name, extra=meta)
   return {'model_name': model_name, **meta}

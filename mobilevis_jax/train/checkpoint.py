@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import signal
 from collections.abc import Callable, Sequence
@@ -31,6 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mobilevis_jax import fs
+
 log = logging.getLogger(__name__)
 
 _STATE = 'state'
@@ -41,7 +42,8 @@ _META_FILE = 'meta.json'
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  """`<workdir>/checkpoints`: absolute for a local path, a URI (``gs://...``) as written."""
+  return fs.join(workdir, 'checkpoints')
 
 
 class TrainCheckpointer:
@@ -70,8 +72,7 @@ class TrainCheckpointer:
     when that checkpoint has none (e.g. written with the tf.data backend). Outside
     `restore_latest`'s fall-back on purpose: a state of another data stream is a configuration
     error to report, not a damaged checkpoint to skip."""
-    from etils import epath  # as orbax: also gs:// and other registered filesystems
-    if not (epath.Path(self.directory) / str(step) / _DATA).exists():
+    if not fs.exists(fs.join(self.directory, str(step), _DATA)):
       return False
     self.manager.restore(step, args=ocp.args.Composite(**{_DATA: data_args}))
     return True
@@ -153,20 +154,18 @@ class Preemption:
 def save_variables(directory: str, variables: Any, *, model_name: str,
                    extra: dict | None = None) -> None:
   """Writes `variables` ({'params', 'batch_stats'?}) and meta.json with the model name (+ extra)."""
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  fs.makedirs(directory)
   variables = jax.tree.map(lambda x: jax.device_get(x), dict(variables))
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, _VARIABLES), variables, force=True)
+    ckptr.save(fs.join(directory, _VARIABLES), variables, force=True)
     ckptr.wait_until_finished()
   meta = {'model_name': model_name, **(extra or {})}
   if jax.process_index() == 0:
-    with open(os.path.join(directory, _META_FILE), 'w') as f:
-      json.dump(meta, f, indent=1, default=str)
+    fs.write_text_atomic(fs.join(directory, _META_FILE), json.dumps(meta, indent=1, default=str))
 
 
 def _is_train_workdir(directory: str) -> bool:
-  return os.path.isdir(checkpoint_dir(directory))
+  return fs.isdir(checkpoint_dir(directory))
 
 
 def restore_variables(directory: str) -> tuple[dict, dict]:
@@ -175,12 +174,11 @@ def restore_variables(directory: str) -> tuple[dict, dict]:
   For a work directory, the newest readable training checkpoint's raw (non-EMA) parameters and
   BatchNorm statistics are returned; meta carries model_name, model_kwargs and step.
   """
-  directory = os.path.abspath(directory)
-  if os.path.isdir(os.path.join(directory, _VARIABLES)):
+  if fs.isdir(fs.join(directory, _VARIABLES)):
     with ocp.StandardCheckpointer() as ckptr:
-      variables = ckptr.restore(os.path.join(directory, _VARIABLES))
-    meta_path = os.path.join(directory, _META_FILE)
-    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+      variables = ckptr.restore(fs.join(directory, _VARIABLES))
+    meta_path = fs.join(directory, _META_FILE)
+    meta = json.loads(fs.read_text(meta_path)) if fs.exists(meta_path) else {}
     return dict(variables), meta
   if _is_train_workdir(directory):
     ckpt = TrainCheckpointer(directory, use_async=False)

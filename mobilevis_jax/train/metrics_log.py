@@ -1,42 +1,110 @@
 """Run logs: TensorBoard event files and a JSON-lines file in the work directory, plus a progress
 bar.
 
-Only process 0 writes; the others get no-op writers. `tf.summary` is used for the event files
-because tensorflow-cpu is already a dependency (of the input pipeline); it is imported lazily so a
-run with TensorBoard off never loads it.
+Only process 0 writes; the others get no-op writers. Both files go through `mobilevis_jax.fs`, so a
+``gs://`` (or any epath) work directory gets them too. The event file is written here rather than
+by `tf.summary`, whose writer reaches only TensorFlow's own filesystems: each record is an
+`Event` protocol buffer (scalars as `simple_value`, which TensorBoard reads as its scalars plugin)
+framed as a TFRecord (length, masked CRC32C of the length, data, masked CRC32C of the data), the
+format TensorBoard's reader checks. The protos come from TensorFlow, which is already a dependency
+(of the input pipeline) and is imported only when TensorBoard logging is on.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
 import time
 from typing import Any
 
 import jax
 
+from mobilevis_jax import fs
+
+
+def _crc32c_table() -> list[int]:
+  table = []
+  for n in range(256):
+    c = n
+    for _ in range(8):
+      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1  # the Castagnoli polynomial, reflected
+    table.append(c)
+  return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli) of ``data``; pure Python, fast enough for log records of ~100 bytes."""
+  c = 0xFFFFFFFF
+  for b in data:
+    c = _CRC32C[(c ^ b) & 0xFF] ^ (c >> 8)
+  return c ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+  """The TFRecord checksum: the CRC rotated right by 15 bits plus a constant, so that a CRC
+  computed over data that itself holds CRCs does not degenerate."""
+  c = crc32c(data)
+  return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord_frame(data: bytes) -> bytes:
+  length = struct.pack('<Q', len(data))
+  return (length + struct.pack('<I', masked_crc32c(length)) + data
+          + struct.pack('<I', masked_crc32c(data)))
+
+
+class EventFileWriter:
+  """Scalars to a TensorBoard event file in ``logdir`` (local or any epath filesystem).
+
+  One file per writer, named as TensorFlow names them (``events.out.tfevents.<time>.<host>.
+  <pid>.v2``) so a resumed run adds a file beside the earlier ones and TensorBoard merges them.
+  """
+
+  def __init__(self, logdir: str, *, flush_secs: float = 30.0) -> None:
+    from tensorflow.core.util import event_pb2
+    self._event_pb2 = event_pb2
+    fs.makedirs(logdir)
+    name = (f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}'
+            f'.{id(self) & 0xFFFF}.v2')
+    self.path = fs.join(logdir, name)
+    self._file = fs.AppendFile(self.path, binary=True, flush_secs=flush_secs)
+    # The first record names the format version, as every TensorFlow event file does.
+    self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+
+  def _write(self, event) -> None:
+    self._file.write(tfrecord_frame(event.SerializeToString()))
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    event = self._event_pb2.Event(wall_time=time.time(), step=int(step))
+    for k, v in values.items():
+      event.summary.value.add(tag=k, simple_value=float(v))
+    self._write(event)
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
 
 class MetricWriter:
   """Writes scalars to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/` (process 0 only)."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True) -> None:
+  def __init__(self, workdir: str, *, tensorboard: bool = True, flush_secs: float = 30.0) -> None:
     self.enabled = jax.process_index() == 0
     self._tb = None
     self._jsonl = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
+    fs.makedirs(workdir)
+    self._jsonl = fs.AppendFile(fs.join(workdir, 'metrics.jsonl'), flush_secs=flush_secs)
     if tensorboard:
-      import tensorflow as tf
-      tf.config.set_visible_devices([], 'GPU')  # TF must not take accelerator memory from JAX
-      from tensorflow.core.framework import summary_pb2
-      self._tf = tf
-      # tf.summary.scalar lives in the separate `tensorboard` package; the generic tf.summary.write
-      # with the 'scalars' plugin tag writes the identical event record without it.
-      self._scalar_meta = summary_pb2.SummaryMetadata(
-          plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name='scalars'))
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+      self._tb = EventFileWriter(fs.join(workdir, 'tensorboard'), flush_secs=flush_secs)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.enabled:
@@ -44,11 +112,13 @@ class MetricWriter:
     clean = {k: float(v) for k, v in scalars.items()}
     self._jsonl.write(json.dumps({'step': int(step), 'time': time.time(), **clean}) + '\n')
     if self._tb is not None:
-      with self._tb.as_default():
-        for k, v in clean.items():
-          self._tf.summary.write(k, self._tf.constant(v, self._tf.float32), step=int(step),
-                                 metadata=self._scalar_meta)
-      self._tb.flush()
+      self._tb.scalars(step, clean)
+
+  def flush(self) -> None:
+    """Uploads what a remote work directory's logs hold so far (local files are always current)."""
+    for f in (self._jsonl, self._tb):
+      if f is not None:
+        f.flush()
 
   def close(self) -> None:
     if self._jsonl is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -28,6 +27,7 @@ import optax
 from jax.sharding import Mesh
 
 import mobilevis_jax
+from mobilevis_jax import fs
 from mobilevis_jax.train import best as best_lib
 from mobilevis_jax.train import checkpoint as ckpt_lib
 from mobilevis_jax.train import distributed, metrics_log, optim
@@ -398,6 +398,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
     data_args = train_iter.checkpoint_save_args() if data_handler is not None else None
     if checkpointer.save(step_no, state.as_dict(), meta, force=force, data_args=data_args):
       last_good = step_no
+    writer.flush()  # a remote work directory's logs are uploaded with each checkpoint
 
   try:
     with ckpt_lib.Preemption(checkpointer) as preemption:
@@ -454,7 +455,7 @@ def evaluate_checkpoint(cfg: ml_collections.ConfigDict, checkpoint: str, *,
 
   mesh = distributed.make_data_mesh(devices)
   variables, meta = ckpt_lib.restore_variables(checkpoint)
-  if not os.path.isdir(ckpt_lib.checkpoint_dir(checkpoint)):
+  if not fs.isdir(ckpt_lib.checkpoint_dir(checkpoint)):
     # Weights from elsewhere (`mobilevis import`): their own eval preprocessing (pretrained_cfg)
     # wherever the recipe keeps the data defaults. A work directory keeps its recipe's transform.
     from mobilevis_jax.train.eval_transform import eval_data_config

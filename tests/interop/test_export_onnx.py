@@ -167,7 +167,7 @@ def test_bad_paths_and_options(ghostnet, tmp_path):
 
 
 def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
-  from mobilevis_jax.interop import deploy
+  from mobilevis_jax import fs
   out = tmp_path / "g.onnx"
   out.write_bytes(b"previous")
 
@@ -175,7 +175,7 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
     assert open(src, "rb").read() == b"new"  # written in full under a temporary name first
     raise OSError("disk full")
 
-  monkeypatch.setattr(deploy.os, "replace", fail)
+  monkeypatch.setattr(fs.os, "replace", fail)
   with pytest.raises(OSError, match="disk full"):
-    deploy.write_atomic(str(out), b"new")
+    fs.write_bytes_atomic(str(out), b"new")
   assert out.read_bytes() == b"previous" and _listing(tmp_path) == ["g.onnx"]
