@@ -169,8 +169,8 @@ def cmd_export(args) -> int:
         check_coreml_path(args.out)
         check_precision(args.precision)
       else:
-        from mobilevis_jax.torch_models import check_output_path
-        check_output_path(args.out)
+        from mobilevis_jax.interop.export import check_torch_output_path
+        check_torch_output_path(args.out)
       parse_resolution(args.resolution, args.model)
     except (KeyError, ValueError, FileNotFoundError, FileExistsError) as e:
       raise SystemExit(f"export of {args.model}: {e}") from e

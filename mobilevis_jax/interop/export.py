@@ -135,6 +135,18 @@ def deployable_torch_module(name: str, variables: Mapping, *,
   return module, {"resolution": hw, "fused": fused, "baked": baked}
 
 
+def check_torch_output_path(path: str | os.PathLike) -> str:
+  """``path`` as a string after the checks of `torch_models.check_output_path` (a
+  ``.safetensors`` file in an existing directory); a URI (``gs://...``) is checked for its suffix
+  only, object stores having no directories."""
+  from mobilevis_jax import torch_models
+
+  path = os.fspath(path)
+  if fs.is_remote(path) and path.endswith(".safetensors"):
+    return path
+  return torch_models.check_output_path(path)  # raises for a bad suffix, remote or not
+
+
 def export_torch(name: str, variables: Mapping, path: str | os.PathLike, *,
                  resolution: int | str | tuple[int, int] | None = None, fuse: bool = True,
                  metadata: Mapping[str, str] | None = None, **model_kwargs: Any) -> dict:
@@ -144,8 +156,9 @@ def export_torch(name: str, variables: Mapping, path: str | os.PathLike, *,
     name: a registered model name.
     variables: its Flax variables (``params`` and ``batch_stats``), unfused; those of another
       model (or other kwargs) are a StateDictError naming the leaves that differ.
-    path: a ``.safetensors`` file in an existing directory. Written under a temporary name and
-      renamed, so a failed export leaves nothing at ``path`` (an existing file stays as it was).
+    path: a ``.safetensors`` file in an existing directory, or a URI (``gs://...``). Written
+      under a temporary name and renamed (a URI: uploaded as one object), so a failed export
+      leaves nothing at ``path`` (an existing file stays as it was).
     resolution: the input size the file is for (``H``, ``'HxW'`` or ``(H, W)``; default: the
       model's). The ParC families bake their kernels for it; every model is run at it once in
       PyTorch before the file is written.
@@ -158,11 +171,7 @@ def export_torch(name: str, variables: Mapping, path: str | os.PathLike, *,
   """
   from mobilevis_jax import torch_models
 
-  path = os.fspath(path)
-  if not fs.is_remote(path):
-    path = torch_models.check_output_path(path)
-  elif not path.endswith(".safetensors"):  # the same refusal, for a URI (no directory to check)
-    torch_models.check_output_path(path)
+  path = check_torch_output_path(path)
   module, info = deployable_torch_module(name, variables, resolution=resolution, fuse=fuse,
                                          **model_kwargs)
   extra = dict(metadata or {})

@@ -237,3 +237,26 @@ def test_weight_files_on_the_bucket(gcs):
   assert deploy.check_output_path(f'{gcs}/exports/m.onnx', '.onnx') == f'{gcs}/exports/m.onnx'
   with pytest.raises(ValueError, match='must end in .onnx'):
     deploy.check_output_path(f'{gcs}/exports/m.tflite', '.onnx')
+
+
+def test_export_to_the_bucket(gcs, tmp_path):
+  """`export_torch` (a library that writes local files only, staged and uploaded) to a gs://
+  path gives the same file as a local export."""
+  pytest.importorskip('torch')
+  from mobilevis_jax import interop, torch_models
+  from mobilevis_jax.interop.export import check_torch_output_path
+  from mobilevis_jax.latency import random_variables
+  variables = random_variables('regnety_002', 32)
+  local = tmp_path / 'm.safetensors'
+  interop.export_torch('regnety_002', variables, local, resolution=32)
+  header = interop.export_torch('regnety_002', variables, f'{gcs}/exports/m.safetensors',
+                                resolution=32)
+  assert header['model'] == 'regnety_002'
+  with fs.local_input(f'{gcs}/exports/m.safetensors') as path:
+    module = torch_models.load(path)
+  reference = torch_models.load(local)
+  for (ka, a), (kb, b) in zip(module.state_dict().items(), reference.state_dict().items(),
+                              strict=True):
+    assert ka == kb and bool((a == b).all()), ka
+  with pytest.raises(ValueError, match='.safetensors'):
+    check_torch_output_path(f'{gcs}/exports/m.pt')
