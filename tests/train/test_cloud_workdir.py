@@ -67,7 +67,7 @@ def test_resolve_keeps_uris_and_makes_local_paths_absolute(tmp_path, monkeypatch
     fs.resolve('')
 
 
-def test_files_on_the_bucket(gcs):
+def test_files_on_the_bucket(gcs, tmp_path):
   root = f'{gcs}/fs'
   fs.makedirs(root)
   fs.write_text_atomic(f'{root}/a.json', '{"x": 1}')
@@ -102,6 +102,16 @@ def test_files_on_the_bucket(gcs):
   assert not fs.exists(f'{root}/failed.bin')  # nothing uploaded for a failed write
   with pytest.raises(FileNotFoundError), fs.local_input(f'{root}/missing.bin'):
     pass
+  # A directory a library built locally (a Core ML package), uploaded over an older one.
+  tree = tmp_path / 'pkg.mlpackage'
+  (tree / 'Data' / 'weights').mkdir(parents=True)
+  (tree / 'Manifest.json').write_text('{}')
+  (tree / 'Data' / 'weights' / 'w.bin').write_bytes(b'\x00\x01')
+  fs.write_text_atomic(f'{root}/pkg.mlpackage/stale.txt', 'from an older export')
+  fs.upload_tree(tree, f'{root}/pkg.mlpackage')
+  assert fs.read_bytes(f'{root}/pkg.mlpackage/Data/weights/w.bin') == b'\x00\x01'
+  assert fs.read_text(f'{root}/pkg.mlpackage/Manifest.json') == '{}'
+  assert not fs.exists(f'{root}/pkg.mlpackage/stale.txt')
   fs.rmtree(root)
   assert not fs.exists(f'{root}/a.json') and not fs.exists(f'{root}/log.txt')
   fs.rmtree(root)  # nothing left to remove: no error
