@@ -17,6 +17,9 @@ Variants (``--variants``, comma-separated):
 * ``flat_adamw``: without AGC, and AdamW applied to all parameters raveled into one vector
   (``optax.flatten``; no weight-decay mask): what an optimizer over one flat buffer would cost;
 * ``grad_only``: only ``jax.grad`` of the loss (forward + backward, no optimizer, no shard_map);
+* ``opt0`` / ``fast_compile``: the default step with XLA's backend optimisation level 0
+  (``--xla_backend_optimization_level=0``) / XLA:CPU's ``FAST_COMPILE`` preset, i.e. compile
+  time traded for run time; ``step`` (the median of the next runs) shows the price;
 * ``cached``: the default step twice, each in a fresh process sharing one JAX persistent
   compilation cache directory (a temporary one): the second process is what a resumed run or a
   re-run of the same configuration waits for when ``jax_compilation_cache_dir`` is set.
@@ -42,7 +45,15 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 sys.path.insert(0, ROOT)
 
-VARIANTS = ('default', 'dw_xla', 'no_agc', 'flat_adamw', 'grad_only', 'cached')
+VARIANTS = ('default', 'dw_xla', 'no_agc', 'flat_adamw', 'grad_only', 'cached', 'opt0',
+            'fast_compile')
+# Variants that are the default step under XLA options (set in the worker's environment, as
+# XLA reads them once, when the backend starts).
+XLA_FLAG_VARIANTS = {
+    'opt0': '--xla_backend_optimization_level=0',      # LLVM's -O0 for the generated kernels
+    'fast_compile': '--xla_cpu_opt_preset=FAST_COMPILE',  # XLA:CPU's compile-time preset
+}
+STEADY_RUNS = 5
 
 
 def _phases(fn, *args) -> tuple[dict, object]:
@@ -117,11 +128,21 @@ def worker(model_name: str, variant: str, resolution: int, batch: int) -> dict:
     gbatch = distributed.global_batch({'image': images, 'label': labels}, mesh)
     phases, compiled = _phases(step, state, gbatch, {})
     t0 = time.perf_counter()
-    _, metrics = compiled(state, gbatch, {})
+    state, metrics = compiled(state, gbatch, {})
     loss = float(jax.device_get(metrics['loss']))
     if not np.isfinite(loss):
       raise RuntimeError(f'{model_name}/{variant}: non-finite first loss {loss}')
   out['run_s'] = time.perf_counter() - t0
+  if variant != 'grad_only':
+    # The steady-state step: what a compile-time option costs over a run.
+    times = []
+    for _ in range(STEADY_RUNS):
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, gbatch, {})
+      jax.block_until_ready(metrics['loss'])
+      times.append(time.perf_counter() - t0)
+    out['step_s'] = float(np.median(times))
+  out['xla_flags'] = os.environ.get('XLA_FLAGS', '')
   out.update(phases)
   out['total_s'] = out['trace_s'] + out['lower_s'] + out['compile_s'] + out['run_s']
   return out
@@ -133,6 +154,8 @@ def run_in_subprocess(model_name: str, variant: str, resolution: int, batch: int
              PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
              TF_CPP_MIN_LOG_LEVEL='2')
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  if variant in XLA_FLAG_VARIANTS:
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + XLA_FLAG_VARIANTS[variant]).strip()
   if cache_dir:
     env['JAX_COMPILATION_CACHE_DIR'] = cache_dir
   cmd = [sys.executable, os.path.abspath(__file__), '--worker', '--models', model_name,
@@ -145,9 +168,11 @@ def run_in_subprocess(model_name: str, variant: str, resolution: int, batch: int
 
 def _print_row(r: dict, label: str, base: dict | None) -> None:
   ratio = f"  {r['total_s'] / base['total_s']:5.2f}x default" if base else ''
+  step = r.get('step_s', float('nan'))
   print(f"{r['model']:16s} {label:14s} trace {r['trace_s']:5.1f} s ({r['trace_cpu_s']:5.1f} cpu)"
         f"  lower {r['lower_s']:5.1f} s  compile {r['compile_s']:6.1f} s "
-        f"({r['compile_cpu_s']:6.1f} cpu)  run {r['run_s']:5.1f} s  total {r['total_s']:6.1f} s"
+        f"({r['compile_cpu_s']:6.1f} cpu)  run {r['run_s']:5.1f} s  step {step:5.2f} s"
+        f"  total {r['total_s']:6.1f} s"
         f"  HLO {r['hlo_lines']:6d} lines, {r['fusions']:5d} fusions{ratio}", flush=True)
 
 
