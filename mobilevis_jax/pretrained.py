@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mobilevis_jax import fs
 from mobilevis_jax.interop import io as torch_io
 from mobilevis_jax.interop.state_dict import StateDictError, _entries, from_torch_state_dict
 from mobilevis_jax.models.registry import abstract_variables, model_info
@@ -74,7 +75,7 @@ def load_pretrained(name: str, path: str | os.PathLike, *, out_indices: Sequence
   from mobilevis_jax.models.registry import create_model
   path = os.fspath(path)
   base = {k: v for k, v in kwargs.items() if k not in HEAD_KWARGS}
-  if os.path.isdir(path):
+  if fs.isdir(path):
     variables, ckpt_kw = _read_orbax(name, path, base)
   else:
     variables, ckpt_kw = _read_torch(name, path, base)
@@ -91,7 +92,7 @@ def load_pretrained(name: str, path: str | os.PathLike, *, out_indices: Sequence
 # --- reading ------------------------------------------------------------------------------------
 
 def _read_torch(name: str, path: str, base: dict) -> tuple[dict, dict]:
-  if not os.path.exists(path):
+  if not fs.exists(path):
     raise FileNotFoundError(f"pretrained={path!r}: no such file or directory")
   try:
     state_dict = torch_io.load_state_dict(path)

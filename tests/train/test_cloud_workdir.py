@@ -243,6 +243,17 @@ def test_weight_files_on_the_bucket(gcs):
                                 sd['conv.weight'])
   with pytest.raises(FileNotFoundError):
     io.load_state_dict(f'{gcs}/w/missing.safetensors')
+  # `create_model(pretrained=URI)` reads a weight file from the bucket.
+  import mobilevis_jax
+  from mobilevis_jax.interop import to_torch_state_dict
+  from mobilevis_jax.latency import random_variables
+  variables = random_variables('regnety_002', 32)
+  io.save_state_dict(to_torch_state_dict('regnety_002', variables, layout='timm'),
+                     f'{gcs}/w/regnety_002.safetensors')
+  _, loaded = mobilevis_jax.create_model(
+      'regnety_002', pretrained=f'{gcs}/w/regnety_002.safetensors').unbind()
+  for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # Export paths on a bucket are checked for their suffix only (no directories to check).
   assert deploy.check_output_path(f'{gcs}/exports/m.onnx', '.onnx') == f'{gcs}/exports/m.onnx'
   with pytest.raises(ValueError, match='must end in .onnx'):
