@@ -116,6 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
   # --- numerics and parallelism --------------------------------------------------------------
   c.sync_batchnorm = False           # False: per-device BN statistics (PyTorch DDP); True: SyncBN
   c.half_precision = False           # bfloat16 compute, float32 parameters and optimiser state
+  # CPU only: compile the train/eval steps at XLA's backend optimisation level 0 (compile
+  # 0.6-0.9x the CPU time, each step 2-5x slower, by model; train/step.py FAST_COMPILE_OPTIONS).
+  # Pays only for very short runs (a smoke test of a few steps), where compile is everything.
+  c.xla_fast_compile = False
   c.distributed = ml_collections.ConfigDict()
   # Multi-host: jax.distributed.initialize(...) is called when a coordinator is given here or in
   # the environment (MOBILEVIS_COORDINATOR_ADDRESS, MOBILEVIS_NUM_PROCESSES, MOBILEVIS_PROCESS_ID),

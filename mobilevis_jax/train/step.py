@@ -204,15 +204,31 @@ def per_device_train_step(state: TrainState, batch: dict, teacher_variables: Any
   return new_state, metrics
 
 
+# XLA options that trade run time for compile time (config `xla_fast_compile`, CPU only). LLVM
+# at -O0 compiles the train step in 0.59-0.86x the CPU time and runs it 2.2-4.8x slower, by
+# model (`experiments/bench/bench_step_compile.py --variants default,opt0`; RESULTS.md), so it
+# pays only for runs of a few steps, where compile is everything (smoke tests). Same program,
+# same semantics; values differ from the optimised build's by float rounding (fewer fused
+# multiply-adds).
+FAST_COMPILE_OPTIONS = {'xla_backend_optimization_level': 0}
+
+
+def compiler_options(fast_compile: bool) -> dict | None:
+  """The XLA options of the jitted steps: `FAST_COMPILE_OPTIONS` when asked for on CPU (where
+  they were measured), else XLA's defaults."""
+  return dict(FAST_COMPILE_OPTIONS) if fast_compile and jax.default_backend() == 'cpu' else None
+
+
 def make_train_step(mesh: jax.sharding.Mesh, *, model: nn.Module,
                     tx: optax.GradientTransformation, schedule: Callable, opts: StepOptions,
-                    teacher_model: nn.Module | None = None) -> Callable:
+                    teacher_model: nn.Module | None = None,
+                    fast_compile: bool = False) -> Callable:
   """The jitted data-parallel step: (state, global batch, teacher variables) -> (state, metrics)."""
   fn = functools.partial(per_device_train_step, model=model, tx=tx, schedule=schedule, opts=opts,
                          teacher_model=teacher_model)
   mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=(P(), P()),
                          check_vma=False)
-  return jax.jit(mapped, donate_argnums=(0,))
+  return jax.jit(mapped, donate_argnums=(0,), compiler_options=compiler_options(fast_compile))
 
 
 # ================================================================================================
@@ -234,7 +250,8 @@ def per_device_eval_step(variables: dict, batch: dict, *, model: nn.Module,
 
 
 def make_eval_step(mesh: jax.sharding.Mesh, *, model: nn.Module,
-                   half_precision: bool = False) -> Callable:
+                   half_precision: bool = False, fast_compile: bool = False) -> Callable:
   fn = functools.partial(per_device_eval_step, model=model, half_precision=half_precision)
   return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(),
-                               check_vma=False))
+                               check_vma=False),
+                 compiler_options=compiler_options(fast_compile))

@@ -141,7 +141,8 @@ def evaluate_all(cfg: ml_collections.ConfigDict, *, mesh: Mesh, model: nn.Module
   results = {}
   for prefix, step_key, m, v in runs:
     if step_key not in eval_steps:
-      eval_steps[step_key] = make_eval_step(mesh, model=m, half_precision=cfg.half_precision)
+      eval_steps[step_key] = make_eval_step(mesh, model=m, half_precision=cfg.half_precision,
+                                            fast_compile=cfg.xla_fast_compile)
     batches = source.eval_iterator(cfg.data, global_batch_size=cfg.eval_batch_size)
     metrics = evaluate(eval_steps[step_key], v, batches, mesh)
     results.update({f'{prefix}/{k}': x for k, x in metrics.items()})
@@ -349,8 +350,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   start_step = int(distributed.to_host(state.step))
 
   train_step = make_train_step(mesh, model=model, tx=tx, schedule=schedule, opts=opts,
-                               teacher_model=teacher_model)
-  eval_step = make_eval_step(mesh, model=model, half_precision=cfg.half_precision)
+                               teacher_model=teacher_model, fast_compile=cfg.xla_fast_compile)
+  eval_step = make_eval_step(mesh, model=model, half_precision=cfg.half_precision,
+                             fast_compile=cfg.xla_fast_compile)
   eval_cache: dict = {}
   writer = metrics_log.MetricWriter(workdir, tensorboard=cfg.tensorboard)
   bar = metrics_log.ProgressBar(total=total_steps, initial=start_step, batch_size=gbs,

@@ -43,7 +43,8 @@ def _trainer_step(cfg, model, variables, batch):
   opts = train.StepOptions.from_config(cfg, NUM_CLASSES)
   state = jax.device_put(train.create_train_state(variables, tx, np.asarray(jax.random.PRNGKey(2)),
                                                   cfg.ema_decay > 0), distributed.replicated(mesh))
-  step = train.make_train_step(mesh, model=model, tx=tx, schedule=schedule, opts=opts)
+  step = train.make_train_step(mesh, model=model, tx=tx, schedule=schedule, opts=opts,
+                               fast_compile=cfg.xla_fast_compile)
   new_state, metrics = step(state, distributed.global_batch(batch, mesh), {})
   return distributed.to_host(new_state), distributed.to_host(metrics)
 
@@ -71,8 +72,10 @@ def _reference_step(cfg, model, variables, batch):
   return float(loss), new_params, jax.device_get(stats)
 
 
-def test_one_step_matches_independent_computation():
-  cfg, model, variables, batch = _setup()
+@pytest.mark.parametrize('fast_compile', [False, True], ids=['xla_default', 'xla_fast_compile'])
+def test_one_step_matches_independent_computation(fast_compile):
+  # `xla_fast_compile` (XLA's backend at -O0) must be the same step: same tolerances.
+  cfg, model, variables, batch = _setup(xla_fast_compile=fast_compile)
   state, metrics = _trainer_step(cfg, model, variables, batch)
   loss, params, stats = _reference_step(cfg, model, variables, batch)
   np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-6)
@@ -143,3 +146,10 @@ def test_hard_distillation_loss_uses_teacher_argmax():
   ce_cls = -jax.nn.log_softmax(logits)[0, 0]
   ce_dist = -jax.nn.log_softmax(dist)[0, 2]
   np.testing.assert_allclose(got, 0.5 * ce_cls + 0.5 * ce_dist, rtol=1e-6)
+
+
+def test_fast_compile_options_apply_on_cpu_only_when_asked():
+  from mobilevis_jax.train import step
+  assert step.compiler_options(False) is None
+  expected = step.FAST_COMPILE_OPTIONS if jax.default_backend() == 'cpu' else None
+  assert step.compiler_options(True) == expected

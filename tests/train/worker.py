@@ -112,7 +112,10 @@ def recipes(out_path, tmp, names):
   common = [f'--config.data.data_dir={data_dir}', '--config.num_train_steps=2',
             '--config.data.shuffle_buffer=16', '--config.log_every_steps=1',
             '--config.checkpoint_every_steps=100', '--config.progress_bar=false',
-            '--config.tensorboard=false', '--config.eval_fused=false']
+            '--config.tensorboard=false', '--config.eval_fused=false',
+            # Two steps each: XLA at -O0 compiles 0.6-0.9x the CPU time and the slower steps
+            # cost nothing here (experiments/bench/RESULTS.md, xla_fast_compile).
+            '--config.xla_fast_compile=true']
   bad_input = '_bad_input' in names
   for name in [n for n in names if n != '_bad_input']:
     extra = list(common)
