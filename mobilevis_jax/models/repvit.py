@@ -42,6 +42,7 @@ from mobilevis_jax.layers import (
   ConvBN,
   SqueezeExcite,
   gelu,
+  kernels,
   make_divisible,
   reparam,
   torch_default_bias_init,
@@ -98,7 +99,11 @@ class RepVGGDW(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     c = x.shape[-1]
-    y = ConvBN(c, 3, groups=c, name="conv")(x, train)
+    # The three branches read x through one padded map, materialised on the CPU's shift path:
+    # when the 1x1 and identity branches read x itself, XLA recomputes the residual stack before
+    # this block in every block (kernels.shared_pad). Same parameters and values either way.
+    xp, x = kernels.shared_pad(x, ((1, 1), (1, 1)))
+    y = ConvBN(c, 3, padding=0, groups=c, name="conv")(xp, train)
     if self.legacy:
       y = y + ConvBN(c, 1, groups=c, name="conv1")(x, train)
       return y + x
