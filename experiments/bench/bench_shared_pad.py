@@ -9,11 +9,13 @@ compiles and times both programs in one process (``kernels._SHARED_PAD`` on / of
 program before the change: the identity and 1x1 branches read ``x``), and the fused model as the
 reference the unfused one is compared with: jitted ``apply(train=False)``, random weights
 (``latency.random_variables``), default resolution, median (p10-p90) of ``--runs`` calls after one
-warm-up call. ``slices`` counts the slice instructions of the optimised HLO (the shift path's
-taps, recomputed ones included).
+warm-up call; ``--train`` times the gradient of a train-mode cross-entropy instead (the backward
+of the token mixer, no fused reference). ``slices`` counts the slice instructions of the
+optimised HLO (the shift path's taps, recomputed ones included).
 
     python experiments/bench/bench_shared_pad.py
     python experiments/bench/bench_shared_pad.py --models repvit_m1_1,repvit_m2 --batches 1 --runs 5
+    python experiments/bench/bench_shared_pad.py --train --resolution 64 --batches 8   # gradients
 
 The last line is JSON with every number.
 """
@@ -30,7 +32,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 
-def time_program(model, variables, batch: int, res: int, runs: int, shared: bool) -> dict:
+def _program(model, train: bool):
+  """The jitted forward (eval mode) or, with ``train``, the gradient of a train-mode loss."""
+  import jax
+  import optax
+
+  if not train:
+    return lambda v, x: model.apply(v, x, train=False)
+
+  def loss(params, stats, x):
+    logits, _ = model.apply({"params": params, "batch_stats": stats}, x, train=True,
+                            mutable=["batch_stats"])
+    labels = jax.numpy.arange(x.shape[0]) % logits.shape[-1]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  return lambda v, x: jax.grad(loss)(v["params"], v["batch_stats"], x)
+
+
+def time_program(model, variables, batch: int, res: int, runs: int, shared: bool,
+                 train: bool = False) -> dict:
   import jax
   import numpy as np
 
@@ -41,15 +61,16 @@ def time_program(model, variables, batch: int, res: int, runs: int, shared: bool
   try:
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, res, res, 3))
     t0 = time.perf_counter()
-    fn = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+    fn = jax.jit(_program(model, train)).lower(variables, x).compile()
     compile_s = time.perf_counter() - t0
   finally:
     kernels._SHARED_PAD = True
   slices = fn.as_text().count(" slice(")
   times = sample_ms(fn, variables, x, reps=runs, warmup=1)
   p10, p50, p90 = np.percentile(times, [10, 50, 90])
+  out = np.concatenate([np.ravel(a) for a in jax.tree.leaves(fn(variables, x))])
   return {"compile_s": compile_s, "ms": float(p50), "p10": float(p10), "p90": float(p90),
-          "slices": slices, "out": np.asarray(fn(variables, x))}
+          "slices": slices, "out": out}
 
 
 def main(argv=None) -> int:
@@ -57,6 +78,10 @@ def main(argv=None) -> int:
   p.add_argument("--models", default="repvit_m1_1", help="comma-separated RepViT names")
   p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
   p.add_argument("--runs", type=int, default=5, help="timed calls per program")
+  p.add_argument("--train", action="store_true",
+                 help="time the gradient of a train-mode loss instead of the forward (no fused "
+                      "reference: the fused model has no BatchNorm to train)")
+  p.add_argument("--resolution", type=int, default=None, help="default: the model's")
   args = p.parse_args(argv)
   if args.runs < 1:
     p.error("--runs must be >= 1")
@@ -77,18 +102,22 @@ def main(argv=None) -> int:
         f"{'fused ms':>9s} | speed-up, unfused/fused off -> shared", flush=True)
   rows = []
   for name in models:
-    res = registry.model_info(name).default_resolution
+    res = args.resolution or registry.model_info(name).default_resolution
     model = registry.create_model(name)
     variables = jax.device_put(random_variables(name))
     fmodel, fvars = registry.fuse(model, variables)
     for batch in args.batches:
       # Alternate the order so that neither program always runs on a warmer machine.
       order = (True, False) if len(rows) % 2 == 0 else (False, True)
-      r = {s: time_program(model, variables, batch, res, args.runs, s) for s in order}
+      r = {s: time_program(model, variables, batch, res, args.runs, s, args.train)
+           for s in order}
       on, off = r[True], r[False]
-      fused = time_program(fmodel, fvars, batch, res, args.runs, True)
+      if args.train:
+        fused = {"ms": float("nan")}
+      else:
+        fused = time_program(fmodel, fvars, batch, res, args.runs, True)
+        fused.pop("out")
       diff = float(np.max(np.abs(on.pop("out") - off.pop("out"))))
-      fused.pop("out")
       row = {"model": name, "batch": batch, "resolution": res, "shared": on, "off": off,
              "fused": fused, "speedup": off["ms"] / on["ms"], "max_abs_diff": diff,
              "unfused_over_fused_off": off["ms"] / fused["ms"],

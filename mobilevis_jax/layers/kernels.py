@@ -262,7 +262,8 @@ def shared_pad(x: jax.Array, padding: Sequence[tuple[int, int]], *, impl: str | 
   block's ``x``) into each elementwise branch and recomputes the whole residual stack in every
   block (unfused RepViT-M1.1: 4536 tap slices in the compiled forward instead of 954;
   experiments/bench/RESULTS.md, "The unfused token mixer"). Other paths return
-  ``(jnp.pad(x), x)``, which XLA folds into its convolution's padding.
+  ``(jnp.pad(x), x)``, which XLA folds into its convolution's padding. (Where BatchNorm runs in
+  train mode its batch statistics already stop the recomputation; RepViT uses this in eval mode.)
   """
   if x.ndim != 4:
     raise ValueError(f"expected an NHWC map, got shape {x.shape}")

@@ -147,10 +147,10 @@ def test_legacy_token_mixer_structure():
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_token_mixer_agrees_on_every_depthwise_path(legacy):
-  """The token mixer's three branches read x through ``kernels.shared_pad`` (on the shift path
-  one materialised padded map, the identity and 1x1 branches a slice of it; XLA's path pads in
-  its convolution). Same values and gradients (input and every parameter), eval and train BN,
-  on an odd map."""
+  """In eval mode the token mixer's three branches read x through ``kernels.shared_pad`` (on the
+  shift path one materialised padded map, the identity and 1x1 branches a slice of it; XLA's
+  path pads in its convolution), in train mode x itself. Same values and gradients (input and
+  every parameter) on every path, eval and train BN, on an odd map."""
   block = RepViTBlock(True, legacy)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 7, 8))
   variables = random_variables(block, x)
