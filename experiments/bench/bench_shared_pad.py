@@ -9,9 +9,12 @@ compiles and times both programs in one process (``kernels._SHARED_PAD`` on / of
 program before the change: the identity and 1x1 branches read ``x``), and the fused model as the
 reference the unfused one is compared with: jitted ``apply(train=False)``, random weights
 (``latency.random_variables``), default resolution, median (p10-p90) of ``--runs`` calls after one
-warm-up call; ``--train`` times the gradient of a train-mode cross-entropy instead (the backward
-of the token mixer, no fused reference). ``slices`` counts the slice instructions of the
-optimised HLO (the shift path's taps, recomputed ones included).
+warm-up call; ``--train`` times the gradient of a train-mode cross-entropy instead (no fused
+reference). That is how RESULTS.md's train-mode numbers were taken; since then ``RepVGGDW`` uses
+``shared_pad`` in eval mode only, so both ``--train`` programs are the same one (a check that the
+train step is the program from before the change: same slices, ratio 1 within the noise).
+``slices`` counts the slice instructions of the optimised HLO (the shift path's taps, recomputed
+ones included).
 
     python experiments/bench/bench_shared_pad.py
     python experiments/bench/bench_shared_pad.py --models repvit_m1_1,repvit_m2 --batches 1 --runs 5
