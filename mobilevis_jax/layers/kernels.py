@@ -215,6 +215,8 @@ def _pairs(v, n: int = 2) -> tuple[int, ...]:
 
 # Only experiments/bench/bench_tap_barrier.py turns this off, to time the program without it.
 _TAP_BARRIER = True
+# Only experiments/bench/bench_shared_pad.py turns this off, to time the program without it.
+_SHARED_PAD = True
 
 
 def _out_size(n: int, k: int, s: int, d: int, lo: int, hi: int) -> int:
@@ -246,6 +248,36 @@ def _taps(x: jax.Array, kh: int, kw: int, strides, padding, dilation) -> tuple[l
       limit = (xp.shape[0], i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, xp.shape[3])
       taps.append(jax.lax.slice(xp, start, limit, (1, sh, sw, 1)))
   return taps, ho, wo
+
+
+def shared_pad(x: jax.Array, padding: Sequence[tuple[int, int]], *, impl: str | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+  """``(padded, centre)``: ``x`` padded once for a depthwise conv whose input other branches read.
+
+  For a block like RepViT's token mixer, ``dw3x3(x) + dw1x1(x) + x``: give ``padded`` to the
+  depthwise convolution with zero padding and ``centre`` (equal to ``x``) to the other branches.
+  On the ``'shift'`` path ``padded`` is the tap barrier's materialised map and ``centre`` a slice
+  of it, so that ``x`` has a single consumer. Otherwise the barrier of :func:`_taps` does not
+  hold: XLA fuses ``x``'s producer (the previous block's residual sum, which itself reads that
+  block's ``x``) into each elementwise branch and recomputes the whole residual stack in every
+  block (unfused RepViT-M1.1: 4536 tap slices in the compiled forward instead of 954;
+  experiments/bench/RESULTS.md, "The unfused token mixer"). Other paths return
+  ``(jnp.pad(x), x)``, which XLA folds into its convolution's padding. (Where BatchNorm runs in
+  train mode its batch statistics already stop the recomputation; RepViT uses this in eval mode.)
+  """
+  if x.ndim != 4:
+    raise ValueError(f"expected an NHWC map, got shape {x.shape}")
+  padding = tuple(tuple(int(q) for q in p) for p in padding)
+  if len(padding) != 2 or any(len(p) != 2 or min(p) < 0 for p in padding):
+    raise ValueError(f"padding must be ((top, bottom), (left, right)) >= 0, got {padding!r}")
+  (pt, pb), (pl, pr) = padding
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  if resolve("depthwise", impl) != "shift" or not _SHARED_PAD:
+    return xp, x
+  if _TAP_BARRIER:
+    xp = jax.lax.optimization_barrier(xp)
+  _, h, w, c = x.shape
+  return xp, jax.lax.slice(xp, (0, pt, pl, 0), (x.shape[0], pt + h, pl + w, c))
 
 
 def _acc_dtype(dtype) -> Any:
@@ -516,5 +548,5 @@ def conv_reference(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int]
 __all__ = [
     "Conv", "IMPLS", "KERNEL_TABLE", "KernelChoice", "conv_general_dilated", "conv_reference",
     "depthwise_conv2d", "dynamic_conv2d", "grouped_conv2d", "kernel_report", "note", "recording",
-    "resolve", "set_default", "summarize", "use",
+    "resolve", "set_default", "shared_pad", "summarize", "use",
 ]

@@ -209,3 +209,74 @@ def test_shift_taps_read_a_materialised_input():
   g_xla = jax.grad(two_blocks, (0, 1))(x, w, 'xla')
   for a, b in zip(g_shift, g_xla):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+# (H, W, C, padding, stride of the conv that reads the padded map)
+SHARED_PAD_CASES = [
+    (9, 7, 6, ((1, 1), (1, 1)), 1),   # RepVGGDW's 3x3, odd non-square map
+    (8, 10, 5, ((1, 1), (1, 1)), 2),  # stride 2 on even sizes
+    (7, 9, 4, ((2, 0), (0, 1)), 1),   # asymmetric pads
+]
+
+
+@pytest.mark.parametrize("h,w,c,pad,s", SHARED_PAD_CASES)
+def test_shared_pad_feeds_a_depthwise_block_like_its_input(h, w, c, pad, s):
+  """``dw(padded) + dw1x1(centre) + centre`` equals the block on ``x``: values and gradients.
+
+  Every path (``impl`` of shared_pad and of the convolutions), against XLA's convolutions of ``x``
+  with the padding; the identity and 1x1 terms only where the conv keeps the map size.
+  """
+  (pt, pb), (pl, pr) = pad
+  kh, kw = pt + pb + 1, pl + pr + 1
+  x = _rand(0, (2, h, w, c))
+  w3 = _rand(1, (kh, kw, 1, c), 1.0 / kh)
+  w1 = _rand(2, (1, 1, 1, c))
+
+  def ref(x, w3, w1):
+    y = kernels.conv_reference(x, w3, s, pad, groups=c)
+    return y + kernels.conv_reference(x, w1, groups=c) + x if s == 1 else y
+
+  def block(impl):
+    def fn(x, w3, w1):
+      xp, xc = kernels.shared_pad(x, pad, impl=impl)
+      assert xp.shape == (2, h + pt + pb, w + pl + pr, c) and xc.shape == x.shape
+      y = kernels.depthwise_conv2d(xp, w3, s, impl=impl)
+      return y + kernels.depthwise_conv2d(xc, w1, impl=impl) + xc if s == 1 else y
+    return fn
+
+  _check_paths(block, kernels.IMPLS["depthwise"], ref, (x, w3, w1))
+
+
+def test_shared_pad_keeps_a_residual_stack_from_being_recomputed():
+  """On the shift path the block input's only consumer is the barrier on its padded map.
+
+  Before ``shared_pad`` the identity and 1x1 branches of RepViT's token mixer read the block input
+  directly and XLA recomputed the residual stack before each block inside it: the compiled
+  forward's tap slices grew with the square of the depth (unfused RepViT-M1.1: 4536 against the
+  fused model's 954; experiments/bench/bench_shared_pad.py). Here they must grow linearly.
+  """
+  def stack(x, w3, w1):
+    for i in range(w3.shape[0]):
+      xp, xc = kernels.shared_pad(x, ((1, 1), (1, 1)), impl="shift")
+      y = (kernels.depthwise_conv2d(xp, w3[i], impl="shift")
+           + kernels.depthwise_conv2d(xc, w1[i], impl="shift") + xc)
+      x = y + jnp.tanh(y)  # the residual branch: elementwise, fused with its input
+    return x
+
+  def slices(n):
+    args = (jnp.ones((1, 9, 7, 4)), jnp.ones((n, 3, 3, 1, 4)), jnp.ones((n, 1, 1, 1, 4)))
+    jaxpr = jax.make_jaxpr(stack)(*args)
+    assert str(jaxpr).count("optimization_barrier") == 3 * n  # shared map, 3x3 and 1x1 taps
+    return jax.jit(stack).lower(*args).compile().as_text().count(" slice(")
+
+  three, six = slices(3), slices(6)
+  assert 0 < six <= 2 * three, (three, six)
+
+
+def test_shared_pad_rejects_bad_input():
+  with pytest.raises(ValueError, match="NHWC"):
+    kernels.shared_pad(jnp.ones((4, 4, 3)), ((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match="padding"):
+    kernels.shared_pad(jnp.ones((1, 4, 4, 3)), ((1, -1), (1, 1)))
+  with pytest.raises(ValueError, match="padding"):
+    kernels.shared_pad(jnp.ones((1, 4, 4, 3)), ((1, 1),))

@@ -21,6 +21,7 @@ from mobilevis_jax.interop import (
   save_state_dict,
   to_torch_state_dict,
 )
+from mobilevis_jax.layers import kernels
 from mobilevis_jax.models.repvit import (
   BNLinear,
   FusedRepViT,
@@ -143,6 +144,30 @@ def test_legacy_token_mixer_structure():
   tm = p["stages_0"]["blocks_0"]["token_mixer"]
   assert set(tm) == {"conv", "conv1", "bn"} and set(tm["conv1"]) == {"kernel", "bias"}
 
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_token_mixer_agrees_on_every_depthwise_path(legacy):
+  """In eval mode the token mixer's three branches read x through ``kernels.shared_pad`` (on the
+  shift path one materialised padded map, the identity and 1x1 branches a slice of it; XLA's
+  path pads in its convolution), in train mode x itself. Same values and gradients (input and
+  every parameter) on every path, eval and train BN, on an odd map."""
+  block = RepViTBlock(True, legacy)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 7, 8))
+  variables = random_variables(block, x)
+  cot = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+
+  def loss(params, x, train):
+    v = {"params": params, "batch_stats": variables["batch_stats"]}
+    y = block.apply(v, x, train, mutable=["batch_stats"])[0] if train else block.apply(v, x, train)
+    return jnp.vdot(y, cot)
+
+  results = {}
+  for impl in kernels.IMPLS["depthwise"]:
+    with kernels.use(depthwise=impl):
+      results[impl] = [jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=2)(
+          variables["params"], x, train) for train in (False, True)]
+  for got, want in zip(jax.tree.leaves(results["shift"]), jax.tree.leaves(results["xla"])):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 # --- random weights with realistic BN statistics -------------------------------------------------
 
