@@ -58,7 +58,7 @@ def time_program(model, variables, batch: int, res: int, runs: int, shared: bool
   import numpy as np
 
   from mobilevis_jax.layers import kernels
-  from mobilevis_jax.timing import sample_ms
+  from mobilevis_jax.timing import sample_ms, spread_ms
 
   kernels._SHARED_PAD = shared
   try:
@@ -70,10 +70,8 @@ def time_program(model, variables, batch: int, res: int, runs: int, shared: bool
     kernels._SHARED_PAD = True
   slices = fn.as_text().count(" slice(")
   times = sample_ms(fn, variables, x, reps=runs, warmup=1)
-  p10, p50, p90 = np.percentile(times, [10, 50, 90])
   out = np.concatenate([np.ravel(a) for a in jax.tree.leaves(fn(variables, x))])
-  return {"compile_s": compile_s, "ms": float(p50), "p10": float(p10), "p90": float(p90),
-          "slices": slices, "out": out}
+  return {"compile_s": compile_s, **spread_ms(times), "slices": slices, "out": out}
 
 
 def main(argv=None) -> int:
@@ -99,7 +97,7 @@ def main(argv=None) -> int:
   bad = [m for m in models if not m.startswith("repvit") or m not in registry.list_models()]
   if bad:
     p.error(f"not RepViT models: {bad}")
-  cell = lambda t: f"{t['ms']:9.1f} ({t['p10']:7.1f}-{t['p90']:7.1f})"  # noqa: E731
+  cell = lambda t: f"{t['median_ms']:9.1f} ({t['p10_ms']:7.1f}-{t['p90_ms']:7.1f})"  # noqa: E731
   print(f"{'model':12s} {'batch':>5s} | {'off: ms (p10-p90)':>27s} {'compile':>7s} "
         f"{'slices':>6s} | {'shared: ms':>27s} {'compile':>7s} {'slices':>6s} | "
         f"{'fused ms':>9s} | speed-up, unfused/fused off -> shared", flush=True)
@@ -116,18 +114,18 @@ def main(argv=None) -> int:
            for s in order}
       on, off = r[True], r[False]
       if args.train:
-        fused = {"ms": float("nan")}
+        fused = {"median_ms": float("nan")}
       else:
         fused = time_program(fmodel, fvars, batch, res, args.runs, True)
         fused.pop("out")
       diff = float(np.max(np.abs(on.pop("out") - off.pop("out"))))
       row = {"model": name, "batch": batch, "resolution": res, "shared": on, "off": off,
-             "fused": fused, "speedup": off["ms"] / on["ms"], "max_abs_diff": diff,
-             "unfused_over_fused_off": off["ms"] / fused["ms"],
-             "unfused_over_fused_shared": on["ms"] / fused["ms"]}
+             "fused": fused, "speedup": off["median_ms"] / on["median_ms"], "max_abs_diff": diff,
+             "unfused_over_fused_off": off["median_ms"] / fused["median_ms"],
+             "unfused_over_fused_shared": on["median_ms"] / fused["median_ms"]}
       rows.append(row)
       print(f"{name:12s} {batch:5d} | {cell(off)} {off['compile_s']:6.1f}s {off['slices']:6d} | "
-            f"{cell(on)} {on['compile_s']:6.1f}s {on['slices']:6d} | {fused['ms']:9.1f} | "
+            f"{cell(on)} {on['compile_s']:6.1f}s {on['slices']:6d} | {fused['median_ms']:9.1f} | "
             f"{row['speedup']:5.2f}x, {row['unfused_over_fused_off']:4.2f}x -> "
             f"{row['unfused_over_fused_shared']:4.2f}x (max |diff| {diff:.1e})", flush=True)
   print(json.dumps({"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
