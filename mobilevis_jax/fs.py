@@ -59,6 +59,18 @@ def isdir(path: PathLike) -> bool:
   return resolve(path).is_dir()
 
 
+def check_output_dir(path: PathLike) -> None:
+  """Fails fast, before any work, when the local file ``path`` could not be written because its
+  directory is missing (FileNotFoundError). A URI passes: object stores have no directories, and
+  the write itself checks the bucket."""
+  path = os.fspath(path)
+  if is_remote(path):
+    return
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'output directory {directory} does not exist (for {path})')
+
+
 def makedirs(path: PathLike) -> None:
   """Creates ``path`` and its parents (on an object store, a no-op where directories are
   implicit)."""

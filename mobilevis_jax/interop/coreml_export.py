@@ -88,12 +88,8 @@ def check_coreml_path(path: str | os.PathLike) -> str:
   if not path.rstrip("/").endswith(".mlpackage"):
     raise ValueError(f"a Core ML ML program is a .mlpackage directory, got {path!r}")
   path = path.rstrip("/")
-  if fs.is_remote(path):  # object stores have no directories to check; the upload checks
-    return path
-  directory = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"output directory {directory} does not exist (for {path})")
-  if os.path.exists(path) and not os.path.isdir(path):
+  fs.check_output_dir(path)
+  if not fs.is_remote(path) and os.path.exists(path) and not os.path.isdir(path):
     raise FileExistsError(f"{path} exists and is not a .mlpackage directory")
   return path
 

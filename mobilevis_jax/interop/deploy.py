@@ -79,11 +79,7 @@ def check_output_path(path: str | os.PathLike, suffix: str) -> str:
   path = os.fspath(path)
   if not path.endswith(suffix):
     raise ValueError(f"the output file must end in {suffix}, got {path!r}")
-  if fs.is_remote(path):
-    return path
-  directory = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"output directory {directory} does not exist (for {path})")
+  fs.check_output_dir(path)
   return path
 
 

@@ -65,6 +65,10 @@ def test_resolve_keeps_uris_and_makes_local_paths_absolute(tmp_path, monkeypatch
   assert fs.is_remote('gs://b/x') and not fs.is_remote(str(tmp_path))
   with pytest.raises(ValueError, match='empty'):
     fs.resolve('')
+  fs.check_output_dir(tmp_path / 'out.onnx')  # its directory exists
+  fs.check_output_dir('gs://b/no/such/prefix/out.onnx')  # object stores have no directories
+  with pytest.raises(FileNotFoundError, match='output directory .*missing does not exist'):
+    fs.check_output_dir(tmp_path / 'missing' / 'out.onnx')
 
 
 def test_files_on_the_bucket(gcs, tmp_path):
