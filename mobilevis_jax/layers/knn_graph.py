@@ -36,7 +36,7 @@ def _l2_normalise(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array
 def _avg_pool(x: jax.Array, ratio: int) -> jax.Array:
   if ratio == 1:
     return x
-  return nn.avg_pool(x, (ratio, ratio), strides=(ratio, ratio), padding="VALID")
+  return nn.avg_pool(x, window_shape=(ratio, ratio), strides=(ratio, ratio), padding="VALID")
 
 
 def knn_indices(x: jax.Array, num_neighbors: int = 9, dilation: int = 1,

@@ -230,8 +230,12 @@ class ParCResNet(Classifier):
     _check_input(x, 32, type(self).__name__)
     x = Conv2d(64, 7, 2, padding=3, use_bias=False, kernel_init=_kaiming_fan_out, name="conv1")(x)
     x = relu(BatchNorm(name="bn1")(x, train))
-    # torch pads max-pooling with -inf, which Flax's max_pool also does.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # torch pads max-pooling with -inf. The padding is explicit, not max_pool's own: jax2onnx's
+    # ONNX export replaces nn.max_pool with a MaxPool of auto_pad VALID whatever the padding
+    # asked for (7x7 instead of 8x8 maps at 32 px, logits 59% off), and takes only the input
+    # positionally, hence the keywords.
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
     features = []
     for i, depth in enumerate(self.layers):
       planes = 64 * 2 ** i
