@@ -3,7 +3,7 @@
 The smallest model of every family (``export_cases.CASES``), random variables by shape, at tiny
 resolutions (ParC-Net and ParC-MobileNetV2 non-square): ONNX Runtime gives the JAX eval logits to
 1e-4 of max |logit| from the fused, ParC-baked NCHW graph, with a dynamic batch axis (batch 2;
-ParameterNet batch 1, see STATIC_BATCH).
+ParameterNet batch 1, see export_cases.ONNX_STATIC_BATCH).
 Then NHWC input through the CLI, and the bad inputs, each a clear error with nothing at the path.
 """
 from __future__ import annotations
@@ -15,17 +15,19 @@ import numpy as np
 import pytest
 
 from mobilevis_jax import cli, interop
-from tests.interop.export_cases import CASES, family_cases, jax_logits, random_variables, rel_err
+from tests.interop.export_cases import (
+  CASES,
+  ONNX_LEFT_OUT,
+  ONNX_STATIC_BATCH,
+  family_cases,
+  jax_logits,
+  random_variables,
+  rel_err,
+)
 
 pytest.importorskip("jax2onnx")
 ort = pytest.importorskip("onnxruntime")
 from mobilevis_jax.interop.onnx_export import export_onnx, read_metadata  # noqa: E402
-
-# jax2onnx's conversion time grows with the square of the graph size, and the per-sample dynamic
-# convolutions with a symbolic batch make ParameterNet's graph large: a dynamic-batch export of
-# parameternet_300m did not finish in 8 min on the loaded 2-core CI machine, a batch-1 one takes
-# ~2 min. The parity test exports it with a fixed batch of 1 (the API default stays dynamic).
-STATIC_BATCH = ("parameternet_300m",)
 
 
 class Exported:
@@ -38,7 +40,7 @@ class Exported:
     self.x = np.random.RandomState(1).rand(2, *self.resolution, 3).astype(np.float32)
     self.logits = jax_logits(name, self.variables, self.x, **self.kwargs)
     self.path = os.path.join(directory, f"{name}.onnx")
-    self.dynamic = name not in STATIC_BATCH
+    self.dynamic = name not in ONNX_STATIC_BATCH
     self.info = export_onnx(name, self.variables, self.path, resolution=self.resolution,
                             dynamic_batch=self.dynamic, **self.kwargs)
 
@@ -61,10 +63,8 @@ def _exported(name: str, tmp_path_factory) -> Exported:
   return _EXPORTED[name]
 
 
-# ParC-ConvNeXt and ParC-ResNet50 (the family is covered by ParC-MobileNetV2; ResNet50's dense
-# ParC only by the LiteRT test) are left out: their jax2onnx conversions would add minutes to
-# the suite (see STATIC_BATCH).
-ONNX_CASES = [n for n in family_cases() if n not in ("parc_convnext_xt", "parc_resnet50")]
+# ParC-ConvNeXt and ParC-ResNet50 are exported with the rest of the zoo (test_export_zoo.py).
+ONNX_CASES = [n for n in family_cases() if n not in ONNX_LEFT_OUT]
 
 
 @pytest.fixture(scope="module", params=ONNX_CASES)
