@@ -2,7 +2,8 @@
 KERNEL_TABLE.
 
 For depthwise convolutions at the families' shapes (RepViT's 3x3 at 56x56, ConvNeXt's 7x7,
-stride-2 downsampling) and ParC-Net's grouped convolutions, times the jitted forward and the
+stride-2 downsampling), ParC-Net's grouped convolutions and the 1x1 dense convolutions of every
+family (ResNet's bottleneck shapes), times the jitted forward and the
 jitted forward + backward (gradients w.r.t. input and kernel) of each implementation, and
 PyTorch's ``F.conv2d`` (channels_last, same groups) as the baseline, in this one run. Prints
 median ms and ``xla / path`` speed-ups.
@@ -21,7 +22,8 @@ import numpy as np
 from mobilevis_jax.layers import kernels
 from mobilevis_jax.timing import median_ms
 
-# (label, H=W, Cin, Cout, kernel, stride, groups; groups=None means depthwise)
+# (label, H=W, Cin, Cout, kernel, stride, groups; groups=None means depthwise; a 1x1 kernel with
+# groups=1 is the pointwise op)
 SHAPES = [
     ("dw3x3 56 c64 (RepViT s1)", 56, 64, 64, 3, 1, None),
     ("dw3x3 14 c256 (RepViT s3)", 14, 256, 256, 3, 1, None),
@@ -29,8 +31,12 @@ SHAPES = [
     ("dw7x7 56 c48 (ConvNeXt s1)", 56, 48, 48, 7, 1, None),
     ("grp3x3 32 c96 g48 (ParC-Net)", 32, 96, 96, 3, 1, 48),
     ("grp1x1 16 c144 g48 (ParC-Net)", 16, 144, 144, 1, 1, 48),
+    ("pw1x1 56 64->256 (ResNet s1)", 56, 64, 256, 1, 1, 1),
+    ("pw1x1 28 512->128 (ResNet s2)", 28, 512, 128, 1, 1, 1),
+    ("pw1x1 14 256->1024 (ResNet s3)", 14, 256, 1024, 1, 1, 1),
 ]
-QUICK = [("dw3x3 16 c16", 16, 16, 16, 3, 1, None), ("grp3x3 8 c16 g4", 8, 16, 16, 3, 1, 4)]
+QUICK = [("dw3x3 16 c16", 16, 16, 16, 3, 1, None), ("grp3x3 8 c16 g4", 8, 16, 16, 3, 1, 4),
+         ("pw1x1 8 16->32", 8, 16, 32, 1, 1, 1)]
 
 
 def main(argv=None):
@@ -50,7 +56,7 @@ def main(argv=None):
   rows = []
   for label, hw, cin, cout, k, s, g in shapes:
     groups = cin if g is None else g
-    op = "depthwise" if g is None else "grouped"
+    op = "depthwise" if g is None else ("pointwise" if (g, k) == (1, 1) else "grouped")
     alt = [i for i in kernels.IMPLS[op] if i != "xla"][0]
     p = (k - 1) // 2
     pad = ((p, p), (p, p))

@@ -15,11 +15,12 @@ the FFT on large maps) is a ValueError rather than a silent switch.
 
 The converters trace the function inside :func:`export_kernels`: the layers' backend-tuned paths
 (``layers.kernels``: on the XLA CPU backend depthwise convolutions run as shifted multiply-adds)
-are replaced by the library operators a runtime has kernels for: depthwise and grouped
-convolutions as convolutions, and ParameterNet's per-sample dynamic convolutions as im2col plus
-one batched matmul (``'einsum'``), which keeps the batch axis free. (The ``'vmap'``/``'grouped'``
-forms fold the batch into the channel groups: jax2onnx refuses them with a symbolic batch and,
-measured on one DynamicConv at batch 2, converts them to a graph whose output is wrong by ~1.4.)
+are replaced by the library operators a runtime has kernels for: depthwise, grouped and 1x1
+convolutions as convolutions (what a runtime fuses with the activation that follows), and
+ParameterNet's per-sample dynamic convolutions as im2col plus one batched matmul (``'einsum'``),
+which keeps the batch axis free. (The ``'vmap'``/``'grouped'`` forms fold the batch into the
+channel groups: jax2onnx refuses them with a symbolic batch and, measured on one DynamicConv at
+batch 2, converts them to a graph whose output is wrong by ~1.4.)
 """
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ EXPORTABLE_PARC_METHODS = ("conv", "direct")
 
 
 # `layers.kernels` implementations a converter is given (see the module docstring).
-EXPORT_KERNELS = {"depthwise": "xla", "grouped": "xla", "dynamic_1x1": "einsum",
-                  "dynamic_kxk": "einsum"}
+EXPORT_KERNELS = {"depthwise": "xla", "grouped": "xla", "pointwise": "xla",
+                  "dynamic_1x1": "einsum", "dynamic_kxk": "einsum"}
 
 
 @contextlib.contextmanager

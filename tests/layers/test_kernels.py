@@ -95,6 +95,36 @@ def test_dynamic_paths(h, w, cin, cout, g, k, s, d):
                kernels.IMPLS[op], ref, (x, kern))
 
 
+@pytest.mark.parametrize("h,w,cin,cout,s", [
+    (9, 7, 6, 10, 1),   # odd, non-square
+    (8, 10, 5, 3, 2),   # stride 2 on even sizes
+    (7, 9, 4, 8, 2),    # stride 2 on odd sizes
+    (5, 5, 16, 1, 3),   # stride 3, one output channel
+])
+def test_pointwise_paths(h, w, cin, cout, s):
+  x = _rand(0, (2, h, w, cin))
+  kern = _rand(1, (1, 1, cin, cout), cin ** -0.5)
+  ref = lambda x, kern: kernels.conv_reference(x, kern, s, ((0, 0), (0, 0)), 1)
+  _check_paths(lambda impl: lambda x, kern: kernels.pointwise_conv2d(x, kern, s, impl=impl),
+               kernels.IMPLS["pointwise"], ref, (x, kern))
+  # The drop-in routes an unpadded 1x1 dense conv here; a padded one stays with lax.
+  with kernels.recording() as record:
+    kernels.conv_general_dilated(x, kern, (s, s), ((0, 0), (0, 0)),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    kernels.conv_general_dilated(x, kern, (s, s), ((1, 1), (0, 0)),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert [c.op for c in record] == ["pointwise"]
+
+
+def test_pointwise_rejects_bad_input():
+  with pytest.raises(ValueError, match=r"\(1, 1, Cin, Cout\) kernel with Cin=4"):
+    kernels.pointwise_conv2d(jnp.zeros((1, 5, 5, 4)), jnp.zeros((1, 1, 3, 8)))
+  with pytest.raises(ValueError, match="strides must be >= 1"):
+    kernels.pointwise_conv2d(jnp.zeros((1, 5, 5, 4)), jnp.zeros((1, 1, 4, 8)), 0)
+  with pytest.raises(ValueError, match="pointwise implementation must be one of"):
+    kernels.pointwise_conv2d(jnp.zeros((1, 5, 5, 4)), jnp.zeros((1, 1, 4, 8)), impl="shift")
+
+
 def test_conv_module_is_an_nn_conv_with_the_same_parameters_and_macs():
   x = _rand(0, (2, 9, 7, 6))
   layer = Conv2d(12, 3, 2, groups=6)
@@ -146,7 +176,7 @@ def test_resolution_order_and_errors(monkeypatch):
   with pytest.raises(ValueError, match="depthwise implementation"):
     kernels.resolve("depthwise", "fft")
   with pytest.raises(ValueError, match="unknown kernel op"):
-    with kernels.use(pointwise="xla"):
+    with kernels.use(transposed="xla"):
       pass
   with pytest.raises(ValueError, match="Conv impl"):
     kernels.Conv(4, (3, 3), impl="magic")
@@ -178,12 +208,13 @@ def test_kernel_report_names_the_layer_and_logs(caplog):
 
   with caplog.at_level(logging.DEBUG, logger="mobilevis_jax.kernels"):
     report = kernels.kernel_report(Net(), (1, 8, 8, 3))
-  assert [(c.module, c.op) for c in report] == [("dw", "depthwise")]
-  assert report[0].impl == kernels.resolve("depthwise")
-  assert kernels.summarize(report) == {f"depthwise:{report[0].impl}": 1}
+  assert [(c.module, c.op) for c in report] == [("pw", "pointwise"), ("dw", "depthwise")]
+  assert [c.impl for c in report] == [kernels.resolve("pointwise"), kernels.resolve("depthwise")]
+  assert kernels.summarize(report) == {f"pointwise:{report[0].impl}": 1,
+                                       f"depthwise:{report[1].impl}": 1}
   assert any("dw depthwise" in r.getMessage() for r in caplog.records)
-  with kernels.use(depthwise="xla"):
-    assert kernels.kernel_report(Net(), (1, 8, 8, 3))[0].impl == "xla"
+  with kernels.use(depthwise="xla", pointwise="xla"):
+    assert [c.impl for c in kernels.kernel_report(Net(), (1, 8, 8, 3))] == ["xla", "xla"]
 
 
 def test_shift_taps_read_a_materialised_input():
