@@ -17,10 +17,16 @@ primary 1x1 and its 190-channel depthwise 3x3 cheap op) and at stride 4 (56x56, 
 
     python experiments/bench/bench_dynamic_conv.py            # batch 1 and 128
     python experiments/bench/bench_dynamic_conv.py --quick    # smoke run: small shapes, batch 1/4
+    python experiments/bench/bench_dynamic_conv.py --profile  # + where the time goes, op by op
+
+``--profile`` adds, per layer at the largest batch, the per-class profile of the static conv and
+of the ``auto`` dynamic layer (``profile_step.profile_compiled``: XLA:CPU thunk times by class).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +35,8 @@ from mobilevis_jax.layers import Conv2d
 from mobilevis_jax.layers.dynamic_conv import STRATEGIES, DynamicConv
 from mobilevis_jax.profiling import count_params, counting
 from mobilevis_jax.timing import median_ms
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # (name, spatial size, in channels, out channels, kernel, groups)
 LAYERS = [
@@ -47,6 +55,14 @@ def time_layer(layer, x, reps: int) -> float:
   return median_ms(fn, variables, x, reps=reps)
 
 
+def profile_layer(layer, x, reps: int) -> dict:
+  import profile_step
+  variables = layer.init(jax.random.PRNGKey(0), x)
+  compiled = jax.jit(layer.apply).lower(variables, x).compile()
+  return profile_step.profile_compiled(compiled.as_text(), lambda: compiled(variables, x), reps,
+                                       top=6)
+
+
 def _macs(layer, hw: int, cin: int) -> int:
   """MACs of one image through ``layer`` (the profiler's counting, fvcore convention)."""
   x = jax.ShapeDtypeStruct((1, hw, hw, cin), jnp.float32)
@@ -60,6 +76,8 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
   parser.add_argument("--experts", type=int, default=4)
+  parser.add_argument("--profile", action="store_true",
+                      help="also profile static and auto per layer at the largest batch")
   args = parser.parse_args(argv)
   layers = QUICK_LAYERS if args.quick else LAYERS
   batches = (1, 4) if args.quick else (1, 128)
@@ -85,6 +103,13 @@ def main(argv=None) -> None:
       print(f"{name:22s} {b:5d} {t_static:10.3f} " + " ".join(f"{t[s]:8.3f}" for s in STRATEGIES)
             + f" {t['auto'] / t_static:11.2f} {best / t_static:11.2f} "
             f"{p_dyn / p_static:8.2f} {m_dyn / m_static:7.3f}", flush=True)
+    if args.profile:
+      import profile_step
+      x = jax.random.normal(jax.random.PRNGKey(0), (batches[-1], hw, hw, cin))
+      for label, layer in (("static", static), ("auto", dyn["auto"])):
+        out = profile_layer(layer, x, reps)
+        print(f"# {name}, batch {batches[-1]}, {label}: {out['thunks_ms']:.2f} ms of thunks")
+        print(profile_step.format_profile(out), flush=True)
 
 
 if __name__ == "__main__":

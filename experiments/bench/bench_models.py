@@ -135,8 +135,9 @@ def jax_forward(model, variables, x):
   return lambda: fn(variables, x)
 
 
-def jax_train_step(model, variables, x, labels):
-  """Jitted forward + backward + AdamW with the state donated; returns a no-arg step."""
+def make_jax_train_step(model, variables):
+  """``(step, state)``: the jitted forward + backward + AdamW step (state donated) and a first
+  state built from copies of ``variables`` (the step donates it; the caller's arrays survive)."""
   tx = optax.adamw(1e-3, weight_decay=0.05)
   params = variables["params"]
   extra = {k: v for k, v in variables.items() if k != "params"}
@@ -154,8 +155,14 @@ def jax_train_step(model, variables, x, labels):
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), extra, opt_state, rng), loss
 
-  step = jax.jit(step, donate_argnums=0)
-  holder = [(params, extra, tx.init(params), jax.random.PRNGKey(0))]
+  params, extra = jax.tree.map(jnp.copy, (params, extra))
+  return jax.jit(step, donate_argnums=0), (params, extra, tx.init(params), jax.random.PRNGKey(0))
+
+
+def jax_train_step(model, variables, x, labels):
+  """Jitted forward + backward + AdamW with the state donated; returns a no-arg step."""
+  step, state = make_jax_train_step(model, variables)
+  holder = [state]
 
   def run():
     holder[0], loss = step(holder[0], x, labels)

@@ -13,6 +13,8 @@ Variants (``--variants``, comma-separated):
 * ``default``: the trainer as it runs (depthwise convolutions on the ``kernels.KERNEL_TABLE``
   path, ``'shift'`` on CPU; AGC on);
 * ``dw_xla``: depthwise convolutions through XLA's grouped convolution instead;
+* ``dyn_vmap``: ParameterNet's per-sample (dynamic) convolutions through ``'vmap'`` (XLA's conv
+  vmapped over the batch; the GPU/TPU path) instead of the CPU table's ``'einsum'``/``'shift'``;
 * ``no_agc``: without adaptive gradient clipping (the optimizer's per-leaf norms);
 * ``flat_adamw``: without AGC, and AdamW applied to all parameters raveled into one vector
   (``optax.flatten``; no weight-decay mask): what an optimizer over one flat buffer would cost;
@@ -45,7 +47,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 sys.path.insert(0, ROOT)
 
-VARIANTS = ('default', 'dw_xla', 'no_agc', 'flat_adamw', 'grad_only', 'cached', 'opt0',
+VARIANTS = ('default', 'dw_xla', 'dyn_vmap', 'no_agc', 'flat_adamw', 'grad_only', 'cached', 'opt0',
             'fast_compile')
 # Variants that are the default step under XLA options (set in the worker's environment, as
 # XLA reads them once, when the backend starts).
@@ -89,6 +91,9 @@ def worker(model_name: str, variant: str, resolution: int, batch: int) -> dict:
 
   if variant == 'dw_xla':
     kernels.set_default('depthwise', 'xla')
+  if variant == 'dyn_vmap':
+    kernels.set_default('dynamic_1x1', 'vmap')
+    kernels.set_default('dynamic_kxk', 'vmap')
   cfg = base_config()
   cfg.optimizer.agc_clip = 0.0 if variant in ('no_agc', 'flat_adamw') else 0.02
   cfg.optimizer.weight_decay = 0.05
@@ -106,7 +111,8 @@ def worker(model_name: str, variant: str, resolution: int, batch: int) -> dict:
   if variant == 'grad_only':
     def loss(params):
       logits, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
-                              images, train=True, mutable=['batch_stats'])
+                              images, train=True, mutable=['batch_stats'],
+                              rngs={'dropout': jax.random.PRNGKey(0)})
       logp = jax.nn.log_softmax(logits)
       return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
     fn = jax.jit(jax.grad(loss))
