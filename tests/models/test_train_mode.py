@@ -17,6 +17,12 @@ from mobilevis_jax import create_model, interop
 from tests import fidelity
 
 RESOLUTION, BATCH = 64, 4
+# ParC-MobileNetV2 at batch 4 normalises its last stages over 4 x 2 x 2 = 16 values per channel,
+# so ill-conditioned that float32 rounding moves the gradients by 0.5% (PyTorch, whose CPU
+# BatchNorm accumulates in float64) to 2.8% (XLA, float32 sums): how that ratio falls depends on
+# the CPU's summation order (within 3x on the last CI machine, 5.5x on an AVX-512/AMX
+# Xeon, the same code). At batch 8 the comparison measures the port again, not the rounding luck.
+BATCHES = {"parc_mobilenetv2": 8}
 
 
 def _repvit(torch):
@@ -81,9 +87,10 @@ def test_train_step_matches_official_train_mode(name):
     pytest.importorskip("timm")
   torch.manual_seed(0)
   ref, layout, shared_kw, jax_kw = CASES[name](torch)
+  batch = BATCHES.get(name, BATCH)
   rs = np.random.RandomState(1)
-  x = rs.uniform(-2, 2, (BATCH, RESOLUTION, RESOLUTION, 3)).astype(np.float32)
-  labels = rs.randint(0, 1000, BATCH).astype(np.int32)
+  x = rs.uniform(-2, 2, (batch, RESOLUTION, RESOLUTION, 3)).astype(np.float32)
+  labels = rs.randint(0, 1000, batch).astype(np.int32)
   variables = interop.from_torch_state_dict(name, ref.state_dict(), layout=layout, **shared_kw)
 
   torch64 = fidelity.torch_train_step(ref, x, labels, torch.float64)
