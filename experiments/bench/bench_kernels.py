@@ -9,7 +9,8 @@ PyTorch's ``F.conv2d`` (channels_last, same groups) as the baseline, in this one
 median ms and ``xla / path`` speed-ups.
 
     python experiments/bench/bench_kernels.py            # batch 1 and 32
-    python experiments/bench/bench_kernels.py --quick    # batch 1, two small shapes
+    python experiments/bench/bench_kernels.py --quick    # batch 1, small shapes
+    python experiments/bench/bench_kernels.py --only pw1x1 --batches 32   # the 1x1 rows
 """
 from __future__ import annotations
 
@@ -46,8 +47,13 @@ def main(argv=None):
   parser.add_argument("--quick", action="store_true")
   parser.add_argument("--batches", type=int, nargs="+", default=None)
   parser.add_argument("--reps", type=int, default=None)
+  parser.add_argument("--only", default=None, help="only the shapes whose label contains this")
   args = parser.parse_args(argv)
   shapes = QUICK if args.quick else SHAPES
+  if args.only:
+    shapes = [sh for sh in shapes if args.only in sh[0]]
+    if not shapes:
+      parser.error(f"no shape label contains {args.only!r}")
   batches = args.batches or ([1] if args.quick else [1, 32])
   reps = args.reps or (2 if args.quick else 5)
   print(f"backend={jax.default_backend()} torch threads={torch.get_num_threads()} reps={reps}")

@@ -33,8 +33,8 @@ runs them as GEMMs on every backend, except 1x1 ones (``pointwise``): their forw
 either way, but XLA:CPU computes a 1x1 conv's kernel gradient as a convolution over transposed
 copies of the activations and output gradients (41% of ParC-ResNet50's train step went to those
 transposes), where the same gradient written as a ``dot_general`` contracting the batch and
-spatial axes is one GEMM without the copies: forward + backward 2.1-4.8x faster
-(``bench_kernels.py``).
+spatial axes is one GEMM reading the activations in place: forward + backward 1.3-3.0x faster
+at ResNet's shapes (``bench_kernels.py``).
 
 Choosing a path, most specific first:
 
