@@ -79,11 +79,13 @@ def family_cases() -> list[str]:
   return sorted(CASES)
 
 
-def _expert_fan_ins(name: str, resolution: tuple[int, int], **kwargs) -> dict[tuple, int]:
-  """The fan-in of each ``DynamicConv``'s expert kernels, by its parameter path.
+def _abstract_and_expert_fan_ins(name: str, resolution: tuple[int, int], **kwargs
+                                 ) -> tuple[dict, dict[tuple, int]]:
+  """The abstract variables of ``name`` and the fan-in of each ``DynamicConv``'s expert kernels,
+  by its parameter path, from one trace by shape.
 
   An expert bank is stored flat, ``[M, Cout * Cin/g * kh * kw]``, so its fan-in cannot be read
-  off the leaf's shape; it is recorded here while the model is traced by shape.
+  off the leaf's shape; it is recorded while the model is traced.
   """
   from mobilevis_jax.layers.conv import _pair
   from mobilevis_jax.layers.dynamic_conv import DynamicConv
@@ -97,14 +99,14 @@ def _expert_fan_ins(name: str, resolution: tuple[int, int], **kwargs) -> dict[tu
     return next_fun(*args, **call_kwargs)
 
   with nn.intercept_methods(record):
-    abstract_variables(name, resolution, **kwargs)
-  return fan_ins
+    abstract = abstract_variables(name, resolution, **kwargs)
+  return abstract, fan_ins
 
 
 def random_variables(name: str, resolution: tuple[int, int], seed: int = 0, **kwargs) -> dict:
   """Random variables of ``name(**kwargs)`` by shape (numpy arrays)."""
   rng = np.random.RandomState(seed)
-  expert_fan_ins = _expert_fan_ins(name, resolution, **kwargs)
+  abstract, expert_fan_ins = _abstract_and_expert_fan_ins(name, resolution, **kwargs)
 
   def fill(path, leaf):
     key, shape = jax.tree_util.keystr(path), leaf.shape
@@ -124,7 +126,6 @@ def random_variables(name: str, resolution: tuple[int, int], seed: int = 0, **kw
       return (1.0 + 0.2 * rng.randn(*shape)).astype(np.float32)
     return (0.1 * rng.randn(*shape)).astype(np.float32)
 
-  abstract = abstract_variables(name, resolution, **kwargs)
   variables = jax.tree_util.tree_map_with_path(fill, {k: abstract[k] for k in abstract})
   return _calibrated(name, variables, resolution, seed, **kwargs)
 
@@ -178,6 +179,29 @@ def jax_logits(name: str, variables: dict, x: np.ndarray, **kwargs) -> np.ndarra
   peak = float(np.abs(logits).max())
   assert np.isfinite(logits).all() and 1e-3 < peak < 1e6, f"{name}: random logits peak {peak:.3g}"
   return logits
+
+
+def onnx_logits(source, x: np.ndarray, dynamic: bool = True) -> np.ndarray:
+  """ONNX Runtime's logits for ``x`` (in the graph's input layout) of ``source``, a file path or
+  an open ``InferenceSession``; a fixed-batch (``dynamic=False``) graph is fed one image at a
+  time."""
+  if hasattr(source, "run"):
+    sess = source
+  else:
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+  if not dynamic:
+    return np.concatenate([sess.run(None, {"images": x[i:i + 1]})[0] for i in range(len(x))])
+  return sess.run(None, {"images": x})[0]
+
+
+def litert_logits(path, x: np.ndarray) -> np.ndarray:
+  """The LiteRT interpreter's logits of the ``.tflite`` file at ``path``, one NHWC image at a
+  time (the files have a batch of 1)."""
+  from mobilevis_jax.interop import tflite_export
+  with open(path, "rb") as f:
+    it = tflite_export.interpreter(f.read())
+  return np.concatenate([tflite_export.run(it, x[i:i + 1]) for i in range(len(x))])
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:

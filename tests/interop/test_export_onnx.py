@@ -21,6 +21,7 @@ from tests.interop.export_cases import (
   ONNX_STATIC_BATCH,
   family_cases,
   jax_logits,
+  onnx_logits,
   random_variables,
   rel_err,
 )
@@ -45,12 +46,9 @@ class Exported:
                             dynamic_batch=self.dynamic, **self.kwargs)
 
   def run(self, path=None, x=None) -> np.ndarray:
-    sess = ort.InferenceSession(path or self.path, providers=["CPUExecutionProvider"])
     if x is None:
       x = self.x.transpose(0, 3, 1, 2)
-    if not self.dynamic:  # one image at a time through the batch-1 graph
-      return np.concatenate([sess.run(None, {"images": x[i:i + 1]})[0] for i in range(len(x))])
-    return sess.run(None, {"images": x})[0]
+    return onnx_logits(path or self.path, x, self.dynamic)
 
 
 _EXPORTED: dict[str, Exported] = {}

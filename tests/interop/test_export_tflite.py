@@ -14,17 +14,18 @@ import numpy as np
 import pytest
 
 from mobilevis_jax import cli, interop
-from tests.interop.export_cases import CASES, family_cases, jax_logits, random_variables, rel_err
+from tests.interop.export_cases import (
+  CASES,
+  family_cases,
+  jax_logits,
+  litert_logits,
+  random_variables,
+  rel_err,
+)
 
 pytest.importorskip("tensorflow")
 from mobilevis_jax.interop import tflite_export  # noqa: E402
 from mobilevis_jax.interop.tflite_export import export_tflite  # noqa: E402
-
-
-def _tflite_logits(path, x: np.ndarray) -> np.ndarray:
-  with open(path, "rb") as f:
-    it = tflite_export.interpreter(f.read())
-  return np.concatenate([tflite_export.run(it, x[i:i + 1]) for i in range(len(x))])
 
 
 class Exported:
@@ -66,7 +67,7 @@ def _listing(directory) -> list[str]:
 
 
 def test_litert_matches_jax(exported):
-  got = _tflite_logits(exported.path, exported.x)
+  got = litert_logits(exported.path, exported.x)
   assert got.shape == exported.logits.shape
   err = rel_err(got, exported.logits)
   assert err <= 1e-4, f"{exported.name}: max |tflite - jax| / max |jax| = {err:.2e}"
@@ -85,7 +86,7 @@ def test_fp16_weights(ghostnet, tmp_path):
   assert info["quantize"] == "fp16"
   # Half the bytes of the float32 file (the weights dominate), and float16 rounding of weights.
   assert os.path.getsize(out) < 0.6 * os.path.getsize(ghostnet.path)
-  err = rel_err(_tflite_logits(out, ghostnet.x), ghostnet.logits)
+  err = rel_err(litert_logits(out, ghostnet.x), ghostnet.logits)
   assert 1e-6 < err < 2e-2, err
 
 
@@ -107,8 +108,8 @@ def test_cli_int8_calibrated_on_the_data_pipeline(ghostnet, tmp_path):
   from mobilevis_jax.data.calibration import calibration_images
   images = calibration_images(8, image_size=32, normalization="imagenet", split="validation")
   assert images.shape == (8, 32, 32, 3) and images.dtype == np.float32
-  fp32 = _tflite_logits(ghostnet.path, images)
-  int8 = _tflite_logits(out, images)
+  fp32 = litert_logits(ghostnet.path, images)
+  int8 = litert_logits(out, images)
   assert int8.shape == fp32.shape == (8, 1000)
   # Loose: int8 logits follow the float ones (random weights make top-1 a weak signal).
   corr = np.corrcoef(int8.ravel(), fp32.ravel())[0, 1]

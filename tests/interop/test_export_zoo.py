@@ -22,6 +22,8 @@ from tests.interop.export_cases import (
   ONNX_STATIC_BATCH,
   family_cases,
   jax_logits,
+  litert_logits,
+  onnx_logits,
   own_models,
   random_variables,
   rel_err,
@@ -31,7 +33,6 @@ from tests.interop.export_cases import (
 pytest.importorskip("jax2onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("tensorflow")
-from mobilevis_jax.interop import tflite_export  # noqa: E402
 from mobilevis_jax.interop.onnx_export import export_onnx  # noqa: E402
 from mobilevis_jax.interop.tflite_export import export_tflite  # noqa: E402
 
@@ -57,18 +58,9 @@ def test_every_model_is_covered():
 
 def _onnx_logits(path: str, x: np.ndarray, dynamic: bool) -> np.ndarray:
   sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-  nchw = x.transpose(0, 3, 1, 2)
   (inp,) = sess.get_inputs()
   assert isinstance(inp.shape[0], str) if dynamic else inp.shape[0] == 1
-  if not dynamic:
-    return np.concatenate([sess.run(None, {"images": nchw[i:i + 1]})[0] for i in range(len(x))])
-  return sess.run(None, {"images": nchw})[0]
-
-
-def _tflite_logits(path: str, x: np.ndarray) -> np.ndarray:
-  with open(path, "rb") as f:
-    it = tflite_export.interpreter(f.read())
-  return np.concatenate([tflite_export.run(it, x[i:i + 1]) for i in range(len(x))])
+  return onnx_logits(sess, x.transpose(0, 3, 1, 2), dynamic)
 
 
 @pytest.mark.parametrize("name", sorted(set(ONNX_HERE) | set(TFLITE_HERE)))
@@ -89,7 +81,7 @@ def test_export_matches_jax(name, tmp_path):
     path = str(tmp_path / f"{name}.tflite")
     info = export_tflite(name, variables, path, resolution=resolution, **kwargs)
     assert info["input_shape"] == [1, *resolution, 3]
-    got = _tflite_logits(path, x)
+    got = litert_logits(path, x)
     assert got.shape == want.shape
     errors["tflite"] = rel_err(got, want)
   bad = {k: f"{v:.2e}" for k, v in errors.items() if not v <= 1e-4}
