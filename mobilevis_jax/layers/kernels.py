@@ -327,6 +327,15 @@ def _grouped_einsum(x, kernel, strides, padding, dilation, groups, precision=Non
   taps, ho, wo = _taps(x, kh, kw, strides, padding, dilation)
   g, cout_g = groups, cout // groups
   # patches: (B, Ho, Wo, G, T * Cin/G), tap-major within a group to match the kernel below.
+  if g == 1:
+    # No group axis at all: with a unit one, XLA:CPU lays the operands out around it with two
+    # full copies of the activations (half of a dynamic 1x1 layer's time, RESULTS.md); without
+    # it the per-sample case is one batched GEMM ``[B, Ho*Wo, T*Cin] @ [B, T*Cin, Cout]``.
+    patches = taps[0] if len(taps) == 1 else jnp.stack(taps, axis=3)
+    patches = patches.reshape(b, ho * wo, kh * kw * cin_g)
+    k = kernel.reshape(kernel.shape[:-4] + (kh * kw * cin_g, cout)).astype(x.dtype)
+    spec = "bpi,bio->bpo" if per_sample else "bpi,io->bpo"
+    return jnp.einsum(spec, patches, k, precision=precision).reshape(b, ho, wo, cout)
   patches = jnp.stack([t.reshape(b, ho, wo, g, cin_g) for t in taps], axis=4)
   patches = patches.reshape(b, ho, wo, g, kh * kw * cin_g)
   if per_sample:

@@ -9,7 +9,12 @@ import pytest
 from jax.test_util import check_grads
 
 from mobilevis_jax.layers.conv import explicit_padding
-from mobilevis_jax.layers.dynamic_conv import STRATEGIES, DynamicConv, static_param_count
+from mobilevis_jax.layers.dynamic_conv import (
+    STRATEGIES,
+    DynamicConv,
+    mix_kernels,
+    static_param_count,
+)
 from mobilevis_jax.profiling import count_params, profile
 
 # (cin, cout, kernel, stride, groups, padding, dilation): dense, grouped, depthwise, stride 2,
@@ -169,3 +174,26 @@ def test_bad_configuration_raises(kwargs, message):
 def test_rejects_non_nhwc():
   with pytest.raises(ValueError, match="NHWC"):
     DynamicConv(4, 3).init(jax.random.PRNGKey(0), jnp.ones((2, 8, 3)))
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3, 3), (6, 1, 5, 3), (4, 9, 1, 1)])
+def test_mix_kernels_is_mixing_then_permuting_bitwise(shape):
+  # mix_kernels permutes the bank before the GEMM; the result must be bitwise the mixed OIHW rows
+  # permuted afterwards (the same M-term sums), values and bank gradient.
+  m, b = 4, 3
+  kc, kb = jax.random.split(jax.random.PRNGKey(0))
+  coefficients = jax.random.uniform(kc, (b, m))
+  bank = jax.random.normal(kb, (m, math.prod(shape)))
+
+  def mix_first(c, w):
+    return (c @ w).reshape((b,) + shape).transpose(0, 3, 4, 2, 1)
+
+  got = jax.jit(lambda c, w: mix_kernels(c, w, shape))(coefficients, bank)
+  want = jax.jit(mix_first)(coefficients, bank)
+  assert got.shape == (b, shape[2], shape[3], shape[1], shape[0])
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  cotangent = jax.random.normal(jax.random.PRNGKey(1), got.shape)
+  grads = [jax.jit(jax.grad(lambda c, w, f=f: jnp.sum(f(c, w) * cotangent), argnums=(0, 1)))(
+      coefficients, bank) for f in (lambda c, w: mix_kernels(c, w, shape), mix_first)]
+  for g, w in zip(grads[0], grads[1]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
