@@ -22,6 +22,8 @@ Variants (``--variants``, comma-separated):
 * ``opt0`` / ``fast_compile``: the default step with XLA's backend optimisation level 0
   (``--xla_backend_optimization_level=0``) / XLA:CPU's ``FAST_COMPILE`` preset, i.e. compile
   time traded for run time; ``step`` (the median of the next runs) shows the price;
+* ``legacy_emitters``: the default step with XLA:CPU's elemental IR emitter for its fusions
+  (``--xla_cpu_use_fusion_emitters=false``) instead of the MLIR fusion emitters;
 * ``cached``: the default step twice, each in a fresh process sharing one JAX persistent
   compilation cache directory (a temporary one): the second process is what a resumed run or a
   re-run of the same configuration waits for when ``jax_compilation_cache_dir`` is set.
@@ -48,12 +50,15 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 sys.path.insert(0, ROOT)
 
 VARIANTS = ('default', 'dw_xla', 'dyn_vmap', 'no_agc', 'flat_adamw', 'grad_only', 'cached', 'opt0',
-            'fast_compile')
+            'fast_compile', 'legacy_emitters')
 # Variants that are the default step under XLA options (set in the worker's environment, as
 # XLA reads them once, when the backend starts).
 XLA_FLAG_VARIANTS = {
     'opt0': '--xla_backend_optimization_level=0',      # LLVM's -O0 for the generated kernels
     'fast_compile': '--xla_cpu_opt_preset=FAST_COMPILE',  # XLA:CPU's compile-time preset
+  # XLA:CPU's older elemental IR emitter for loop/reduce fusions instead of the MLIR fusion
+  # emitters (a per-fusion MLIR pipeline before LLVM).
+  'legacy_emitters': '--xla_cpu_use_fusion_emitters=false',
 }
 STEADY_RUNS = 5
 
