@@ -24,6 +24,11 @@ Variants (``--variants``, comma-separated):
   time traded for run time; ``step`` (the median of the next runs) shows the price;
 * ``legacy_emitters``: the default step with XLA:CPU's elemental IR emitter for its fusions
   (``--xla_cpu_use_fusion_emitters=false``) instead of the MLIR fusion emitters;
+* ``split`` / ``split_elemental``: the step as the trainer runs it on CPU now, two programs
+  (forward + backward, then the update; ``train.TrainStep``) compiled concurrently in two
+  threads, the first with XLA's MLIR fusion emitters / the elemental emitter. ``trace`` is the
+  tracing and lowering of both, ``compile`` the wall time until both are compiled (``compile_cpu``
+  adds both threads); every other variant is the step as one program;
 * ``cached``: the default step twice, each in a fresh process sharing one JAX persistent
   compilation cache directory (a temporary one): the second process is what a resumed run or a
   re-run of the same configuration waits for when ``jax_compilation_cache_dir`` is set.
@@ -50,7 +55,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 sys.path.insert(0, ROOT)
 
 VARIANTS = ('default', 'dw_xla', 'dyn_vmap', 'no_agc', 'flat_adamw', 'grad_only', 'cached', 'opt0',
-            'fast_compile', 'legacy_emitters')
+            'fast_compile', 'legacy_emitters', 'split', 'split_elemental')
 # Variants that are the default step under XLA options (set in the worker's environment, as
 # XLA reads them once, when the backend starts).
 XLA_FLAG_VARIANTS = {
@@ -80,6 +85,25 @@ def _phases(fn, *args) -> tuple[dict, object]:
   out['hlo_lines'] = hlo.count('\n')
   out['fusions'] = len(re.findall(r'^\s*(?:ROOT )?%\S+ = \S+ fusion\(', hlo, flags=re.M))
   return out, compiled
+
+
+def _split_phases(step, *args) -> dict:
+  """Lower the TrainStep's programs, then compile them concurrently (as the trainer does)."""
+  out = {}
+  clocks = [(time.perf_counter(), time.process_time())]
+  lowered = step.lower(*args)
+  clocks.append((time.perf_counter(), time.process_time()))
+  step.compile(*args, lowered=lowered)  # concurrently, one thread per program
+  clocks.append((time.perf_counter(), time.process_time()))
+  compiled = step.executables(args[1])
+  for i, phase in enumerate(('trace', 'compile')):
+    out[f'{phase}_s'] = clocks[i + 1][0] - clocks[i][0]
+    out[f'{phase}_cpu_s'] = clocks[i + 1][1] - clocks[i][1]
+  out['lower_s'] = out['lower_cpu_s'] = 0.0  # included in trace_s
+  hlo = ''.join(c.as_text() for c in compiled)
+  out['hlo_lines'] = hlo.count('\n')
+  out['fusions'] = len(re.findall(r'^\s*(?:ROOT )?%\S+ = \S+ fusion\(', hlo, flags=re.M))
+  return out
 
 
 def worker(model_name: str, variant: str, resolution: int, batch: int) -> dict:
@@ -134,10 +158,16 @@ def worker(model_name: str, variant: str, resolution: int, batch: int) -> dict:
       tx = optax.flatten(optax.adamw(schedule, weight_decay=cfg.optimizer.weight_decay))
     state = jax.jit(lambda v, r: train.create_train_state(v, tx, r, use_ema=False),
                     out_shardings=distributed.replicated(mesh))(variables, jax.random.PRNGKey(1))
+    split = variant in ('split', 'split_elemental')
     step = train.make_train_step(mesh, model=model, tx=tx, schedule=schedule,
-                                 opts=train.StepOptions.from_config(cfg, 1000))
+                                 opts=train.StepOptions.from_config(cfg, 1000), split=split,
+                                 emitter='elemental' if variant == 'split_elemental' else 'mlir')
     gbatch = distributed.global_batch({'image': images, 'label': labels}, mesh)
-    phases, compiled = _phases(step, state, gbatch, {})
+    if split:
+      phases = _split_phases(step, state, gbatch, {})
+      compiled = step
+    else:
+      phases, compiled = _phases(step.programs[0], state, gbatch, {})
     t0 = time.perf_counter()
     state, metrics = compiled(state, gbatch, {})
     loss = float(jax.device_get(metrics['loss']))

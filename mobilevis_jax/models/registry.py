@@ -12,12 +12,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mobilevis_jax.models import host_prng
 
 INPUT_CONVENTIONS = ("imagenet", "parc_bgr")
 
@@ -281,12 +284,39 @@ def abstract_variables(model: nn.Module, resolution: int, batch: int = 1) -> dic
 
 
 # XLA options for a program that runs once. ``model.init`` is almost nothing but random-number
-# generation (one threefry expansion per initialiser: hundreds of them), and its compile time is
-# dominated by LLVM optimising that code; optimisation level 0 compiles it 2.3x faster
-# (ghostnet_100 on CPU, ``experiments/bench/bench_first_step.py``) for a program that runs for
-# well under a second either way. Only applied on CPU, where it was measured.
+# generation and the initialisers' arithmetic, and its compile time was dominated by LLVM
+# optimising that code; optimisation level 0 compiled it 2.3x faster (ghostnet_100 on CPU,
+# ``experiments/bench/bench_first_step.py``) for a program that runs for well under a second
+# either way. (Since then the random bits come from the host on CPU, see ``lower_init``.) Only
+# applied on CPU, where it was measured.
 ONE_SHOT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
                              "xla_llvm_disable_expensive_passes": True}
+
+
+def _init(model: nn.Module, rng: jax.Array, resolution: int, batch: int,
+          host_rng: bool = False) -> dict:
+  x = jnp.zeros((batch, resolution, resolution, 3), jnp.float32)
+  key = host_prng.wrap(rng) if host_rng else rng
+  variables = dict(model.init({"params": key, "dropout": key}, x, train=False))
+  variables.setdefault("batch_stats", {})
+  return variables
+
+
+def lower_init(model: nn.Module, rng: jax.Array, resolution: int,
+               batch: int = 1) -> jax.stages.Lowered:
+  """The program of `init_variables`, lowered (its `out_info` is the variables' shapes), for
+  callers that compile it themselves, e.g. concurrently with the train step (the trainer)."""
+  # On CPU the random bits come from the host (`host_prng`): the same bits, and a program that
+  # compiles in a fraction of the time (only the initialisers' arithmetic is left to XLA).
+  host_rng = jax.default_backend() == "cpu" and host_prng.supported()
+  return jax.jit(functools.partial(_init, model, resolution=resolution, batch=batch,
+                                   host_rng=host_rng)).lower(rng)
+
+
+def compile_init(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+  """`lower_init`'s program compiled as a one-shot program (`ONE_SHOT_COMPILER_OPTIONS` on CPU)."""
+  options = ONE_SHOT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+  return lowered.compile(compiler_options=options)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, resolution: int, batch: int = 1) -> dict:
@@ -295,16 +325,10 @@ def init_variables(model: nn.Module, rng: jax.Array, resolution: int, batch: int
 
   Draws every parameter with the model's own initialisers and is deterministic in ``rng``; the
   values equal ``jax.jit(model.init)``'s up to float32 rounding of the initialisers' arithmetic
-  (~1e-8: the unoptimised code contracts fewer multiply-adds).
+  (~1e-8: the unoptimised code contracts fewer multiply-adds). On CPU the random bits are drawn
+  on the host (`models.host_prng`, bit for bit JAX's Threefry), which leaves XLA only the
+  initialisers' arithmetic to compile.
   """
-  def init(rng):
-    x = jnp.zeros((batch, resolution, resolution, 3), jnp.float32)
-    variables = dict(model.init({"params": rng, "dropout": rng}, x, train=False))
-    variables.setdefault("batch_stats", {})
-    return variables
-
   if isinstance(rng, jax.core.Tracer):  # called inside a transformation: trace it into that
-    return init(rng)
-  lowered = jax.jit(init).lower(rng)
-  options = ONE_SHOT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-  return lowered.compile(compiler_options=options)(rng)
+    return _init(model, rng, resolution, batch)
+  return compile_init(lower_init(model, rng, resolution, batch))(rng)

@@ -120,6 +120,14 @@ def base_config() -> ml_collections.ConfigDict:
   # 0.6-0.9x the CPU time, each step 2-5x slower, by model; train/step.py FAST_COMPILE_OPTIONS).
   # Pays only for very short runs (a smoke test of a few steps), where compile is everything.
   c.xla_fast_compile = False
+  # The train step as XLA programs (train/step.py TrainStep): 'split' = forward + backward and the
+  # optimiser update as two programs compiled concurrently (a shorter first step on a multi-core
+  # CPU), 'one' = one program, 'auto' = 'split' on CPU, 'one' elsewhere.
+  c.train_step_programs = 'auto'
+  # CPU, split step: XLA:CPU's fusion emitter for the forward + backward program, 'mlir' (XLA's
+  # default) or 'elemental' (the older emitter); 'auto' = the family's measured choice
+  # (train/step.py GRADS_EMITTER_TABLE). Compile time only: same program, same step time.
+  c.xla_cpu_grads_emitter = 'auto'
   c.distributed = ml_collections.ConfigDict()
   # Multi-host: jax.distributed.initialize(...) is called when a coordinator is given here or in
   # the environment (MOBILEVIS_COORDINATOR_ADDRESS, MOBILEVIS_NUM_PROCESSES, MOBILEVIS_PROCESS_ID),

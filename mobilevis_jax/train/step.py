@@ -20,10 +20,11 @@ the step only sees arrays, and mixup/cutmix run inside it (`train/mixup.py`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
@@ -148,11 +149,11 @@ def _micro_batch_grads(params, batch_stats, images, labels, rng, teacher_variabl
   return loss, grads, new_stats, correct
 
 
-def per_device_train_step(state: TrainState, batch: dict, teacher_variables: Any, *,
-                          model: nn.Module,
-                          tx: optax.GradientTransformation, schedule: Callable, opts: StepOptions,
-                          teacher_model: nn.Module | None = None) -> tuple[TrainState, dict]:
-  """One optimiser step as seen by one device (call inside shard_map / pmap over `data`)."""
+def per_device_grads(state: TrainState, batch: dict, teacher_variables: Any, *,
+                     model: nn.Module, opts: StepOptions,
+                     teacher_model: nn.Module | None = None) -> tuple[Any, Any, dict]:
+  """Forward and backward of one step as seen by one device (inside shard_map over `data`):
+  (gradients, BatchNorm statistics, metrics), all-reduced, so identical on every device."""
   images, labels = batch['image'], batch['label']
   device_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                                   lax.axis_index(DATA_AXIS))
@@ -186,22 +187,41 @@ def per_device_train_step(state: TrainState, batch: dict, teacher_variables: Any
   grads = lax.pmean(grads, DATA_AXIS)
   if not opts.sync_batchnorm:
     batch_stats = lax.pmean(batch_stats, DATA_AXIS)
+  metrics = {
+      'loss': lax.pmean(loss, DATA_AXIS),
+      'train_accuracy': lax.psum(correct, DATA_AXIS) / lax.psum(images.shape[0], DATA_AXIS),
+  }
+  return grads, batch_stats, metrics
+
+
+def per_device_update(state: TrainState, grads: Any, batch_stats: Any, *,
+                      tx: optax.GradientTransformation, schedule: Callable,
+                      opts: StepOptions) -> tuple[TrainState, dict]:
+  """The optimiser update from all-reduced gradients and statistics: the same on every device,
+  so it needs no collective."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
   if opts.ema_decay > 0:
     ema_params = ema_lib.ema_update(ema_params, params, opts.ema_decay)
     ema_batch_stats = ema_lib.ema_update(ema_batch_stats, batch_stats, opts.ema_decay)
-  metrics = {
-      'loss': lax.pmean(loss, DATA_AXIS),
-      'train_accuracy': lax.psum(correct, DATA_AXIS) / lax.psum(images.shape[0], DATA_AXIS),
-      'grad_norm': optax.tree.norm(grads),
-      'lr': schedule(state.step),
-  }
+  metrics = {'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state, ema_params=ema_params,
                             ema_batch_stats=ema_batch_stats)
   return new_state, metrics
+
+
+def per_device_train_step(state: TrainState, batch: dict, teacher_variables: Any, *,
+                          model: nn.Module,
+                          tx: optax.GradientTransformation, schedule: Callable, opts: StepOptions,
+                          teacher_model: nn.Module | None = None) -> tuple[TrainState, dict]:
+  """One optimiser step as seen by one device (call inside shard_map / pmap over `data`)."""
+  grads, batch_stats, metrics = per_device_grads(state, batch, teacher_variables, model=model,
+                                                 opts=opts, teacher_model=teacher_model)
+  new_state, update_metrics = per_device_update(state, grads, batch_stats, tx=tx,
+                                                schedule=schedule, opts=opts)
+  return new_state, {**metrics, **update_metrics}
 
 
 # XLA options that trade run time for compile time (config `xla_fast_compile`, CPU only). LLVM
@@ -219,16 +239,163 @@ def compiler_options(fast_compile: bool) -> dict | None:
   return dict(FAST_COMPILE_OPTIONS) if fast_compile and jax.default_backend() == 'cpu' else None
 
 
+# XLA:CPU's fusion emitters for the split step's forward + backward program. Its compile is
+# dominated by per-fusion emission (LLVM code generation, then the MLIR fusion emitters; a profile
+# in RESULTS.md "The fusion emitter"), and XLA's older elemental emitter compiles ParameterNet's
+# in 0.65-0.85x the time at the same step time, while it is slower for the other families (and
+# doubles the optimiser program's compile). That program's compile, one core, MLIR -> elemental
+# (RESULTS.md, "The init's random bits on the host, and the step as two programs"):
+# parameternet_600m 55.6 -> 35.9-47.1 s, repvit_m1_1 16.1 -> 26.2, mobilevig_s 18.6 -> 20.8,
+# parcnet_s 33.4 -> 36.9, parc_convnext_xt 20.2 -> 20.6, parc_mobilenetv2 15.0 -> 13.4 (within
+# the noise). A family not listed keeps XLA's default.
+GRADS_EMITTER_TABLE = {'parameternet': 'elemental'}
+EMITTER_OPTIONS = {'mlir': {}, 'elemental': {'xla_cpu_use_fusion_emitters': False}}
+
+
+def grads_emitter(family: str, choice: str = 'auto') -> str:
+  """The fusion emitter of the forward + backward program: `choice`, or the family's measured one
+  for 'auto' (config `xla_cpu_grads_emitter`)."""
+  if choice == 'auto':
+    return GRADS_EMITTER_TABLE.get(family, 'mlir')
+  if choice not in EMITTER_OPTIONS:
+    raise ValueError(f"xla_cpu_grads_emitter must be 'auto' or one of {sorted(EMITTER_OPTIONS)}, "
+                     f'got {choice!r}')
+  return choice
+
+
+def _signature(tree: Any) -> tuple:
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+
+class TrainStep:
+  """The jitted data-parallel step: `step(state, global batch, teacher variables) -> (state,
+  metrics)`, the same function as `per_device_train_step` under `shard_map` over `data`.
+
+  `split=True` (the default on CPU) runs it as two XLA programs: forward + backward with the
+  all-reduce (`per_device_grads`), then the optimiser update (`per_device_update`, the state
+  donated). Same arithmetic, same collectives; the gradients are materialised between
+  the two, which a single program does too. What the split buys is compile time: XLA compiles a
+  program mostly on one thread, so two programs compile concurrently, each with the options that
+  suit it (`emitter`, the forward + backward program's on CPU: see `grads_emitter`), and the first
+  step on a multi-core CPU waits for the longer compile instead of the sum (RESULTS.md, "Time to
+  the first training step"). `split=False` (the default on GPU/TPU, where compile is not the
+  bottleneck and one program leaves XLA free to schedule across the boundary) is one program.
+
+  `compile(state, batch, teacher_variables, executor=...)` compiles for one batch signature
+  ahead of the first call, from arrays or `jax.ShapeDtypeStruct`s, in the executor's threads
+  when one is given (the trainer overlaps it with the model's initialisation). A call with a
+  batch signature not seen before compiles it first (ParC-Net's multi-scale batches have several).
+  """
+
+  def __init__(self, mesh: jax.sharding.Mesh, *, model: nn.Module,
+               tx: optax.GradientTransformation, schedule: Callable, opts: StepOptions,
+               teacher_model: nn.Module | None = None, fast_compile: bool = False,
+               split: bool | None = None, emitter: str = 'mlir') -> None:
+    on_cpu = jax.default_backend() == 'cpu'
+    self.split = on_cpu if split is None else bool(split)
+    if emitter not in EMITTER_OPTIONS:
+      raise ValueError(f'emitter must be one of {sorted(EMITTER_OPTIONS)}, got {emitter!r}')
+    self.emitter = emitter if on_cpu and self.split else 'mlir'
+    options = compiler_options(fast_compile)
+    if self.split:
+      grads = functools.partial(per_device_grads, model=model, opts=opts,
+                                teacher_model=teacher_model)
+      update = functools.partial(per_device_update, tx=tx, schedule=schedule, opts=opts)
+      grads_options = {**(options or {}), **EMITTER_OPTIONS[self.emitter]} or None
+      self._programs = (
+          (jax.jit(jax.shard_map(grads, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
+                                 out_specs=(P(), P(), P()), check_vma=False)), grads_options),
+          (jax.jit(jax.shard_map(update, mesh=mesh, in_specs=(P(), P(), P()),
+                                 out_specs=(P(), P()), check_vma=False),
+                   donate_argnums=(0,)), options))
+    else:
+      fn = functools.partial(per_device_train_step, model=model, tx=tx, schedule=schedule,
+                             opts=opts, teacher_model=teacher_model)
+      self._programs = ((jax.jit(jax.shard_map(fn, mesh=mesh,
+                                               in_specs=(P(), P(DATA_AXIS), P()),
+                                               out_specs=(P(), P()), check_vma=False),
+                                 donate_argnums=(0,)), options),)
+    self._compiled: dict[tuple, list] = {}  # batch signature -> compiled programs (or futures)
+
+  @property
+  def programs(self) -> tuple:
+    """The jitted programs, in call order (one, or forward + backward and update)."""
+    return tuple(fn for fn, _ in self._programs)
+
+  @property
+  def program_options(self) -> tuple:
+    """Each program's XLA compiler options (None: XLA's defaults)."""
+    return tuple(options for _, options in self._programs)
+
+  def _lower_each(self, state: Any, batch: dict, teacher_variables: Any) -> Iterator:
+    (first, _), rest = self._programs[0], self._programs[1:]
+    lowered = first.lower(state, batch, teacher_variables)
+    yield lowered
+    if rest:
+      grads, batch_stats, _ = lowered.out_info
+      yield rest[0][0].lower(state, grads, batch_stats)
+
+  def lower(self, state: Any, batch: dict, teacher_variables: Any) -> list:
+    """The programs lowered for these (abstract or concrete) arguments, in call order."""
+    return list(self._lower_each(state, batch, teacher_variables))
+
+  def compile(self, state: Any, batch: dict, teacher_variables: Any,
+              executor: concurrent.futures.Executor | None = None,
+              lowered: list | None = None) -> None:
+    """Compiles the step for `batch`'s signature (shapes and dtypes), the programs concurrently:
+    each program's compile starts as soon as it is lowered, while the next one is traced. With
+    an `executor` it returns once all are lowered and leaves the compiles running there.
+    `lowered`: what `lower` returned for these arguments, when the caller has it already."""
+    key = _signature(batch)
+    if key in self._compiled:
+      return
+    programs = lowered if lowered is not None else self._lower_each(state, batch,
+                                                                    teacher_variables)
+    own = executor is None
+    pool = concurrent.futures.ThreadPoolExecutor(len(self._programs)) if own else executor
+    futures = [pool.submit(low.compile, compiler_options=options)
+               for low, (_, options) in zip(programs, self._programs)]
+    if own:
+      pool.shutdown(wait=True)
+      futures = [f.result() for f in futures]
+    self._compiled[key] = futures
+
+  def executables(self, batch: dict) -> list:
+    """The compiled programs for `batch`'s signature (waiting for compiles still running)."""
+    return self._executables(_signature(batch))
+
+  def _executables(self, key: tuple) -> list:
+    programs = self._compiled[key]
+    if any(isinstance(p, concurrent.futures.Future) for p in programs):
+      programs = [p.result() if isinstance(p, concurrent.futures.Future) else p
+                  for p in programs]
+      self._compiled[key] = programs
+    return programs
+
+  def __call__(self, state: TrainState, batch: dict,
+               teacher_variables: Any) -> tuple[TrainState, dict]:
+    key = _signature(batch)
+    if key not in self._compiled:
+      self.compile(state, batch, teacher_variables)
+    programs = self._executables(key)
+    if not self.split:
+      return programs[0](state, batch, teacher_variables)
+    grads, batch_stats, metrics = programs[0](state, batch, teacher_variables)
+    state, update_metrics = programs[1](state, grads, batch_stats)
+    return state, {**metrics, **update_metrics}
+
+
 def make_train_step(mesh: jax.sharding.Mesh, *, model: nn.Module,
                     tx: optax.GradientTransformation, schedule: Callable, opts: StepOptions,
                     teacher_model: nn.Module | None = None,
-                    fast_compile: bool = False) -> Callable:
-  """The jitted data-parallel step: (state, global batch, teacher variables) -> (state, metrics)."""
-  fn = functools.partial(per_device_train_step, model=model, tx=tx, schedule=schedule, opts=opts,
-                         teacher_model=teacher_model)
-  mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=(P(), P()),
-                         check_vma=False)
-  return jax.jit(mapped, donate_argnums=(0,), compiler_options=compiler_options(fast_compile))
+                    fast_compile: bool = False, split: bool | None = None,
+                    emitter: str = 'mlir') -> TrainStep:
+  """The jitted data-parallel step: (state, global batch, teacher variables) -> (state, metrics).
+  See `TrainStep` (one program, or two on CPU)."""
+  return TrainStep(mesh, model=model, tx=tx, schedule=schedule, opts=opts,
+                   teacher_model=teacher_model, fast_compile=fast_compile, split=split,
+                   emitter=emitter)
 
 
 # ================================================================================================

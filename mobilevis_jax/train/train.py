@@ -11,6 +11,7 @@ Sections: evaluation; initialisation helpers; the loop.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import math
@@ -28,6 +29,7 @@ from jax.sharding import Mesh
 
 import mobilevis_jax
 from mobilevis_jax import fs
+from mobilevis_jax.models.registry import compile_init, lower_init, model_info
 from mobilevis_jax.train import best as best_lib
 from mobilevis_jax.train import checkpoint as ckpt_lib
 from mobilevis_jax.train import distributed, metrics_log, optim
@@ -37,6 +39,7 @@ from mobilevis_jax.train.checkpoint import merge_pretrained  # noqa: F401
 from mobilevis_jax.train.step import (  # noqa: F401
   StepOptions,
   TrainState,
+  grads_emitter,
   make_eval_step,
   make_targets,
   make_train_step,
@@ -173,6 +176,21 @@ def check_batch_layout(cfg: ml_collections.ConfigDict, n_devices: int) -> None:
           + ' (or run on fewer devices)')
 
 
+def train_step_layout(cfg: ml_collections.ConfigDict) -> tuple[bool | None, str]:
+  """(split, emitter) of the train step (`step.TrainStep`) from `train_step_programs` and
+  `xla_cpu_grads_emitter`; split None = the backend's default. A bad value is a ConfigError."""
+  programs = cfg.train_step_programs
+  if programs not in ('auto', 'split', 'one'):
+    raise ConfigError(f"train_step_programs={programs!r}: use 'auto', 'split' or 'one'")
+  # An unknown model is build_model's error (with its suggestions), raised right after this.
+  family = model_info(cfg.model).family if cfg.model in mobilevis_jax.list_models() else ''
+  try:
+    emitter = grads_emitter(family, cfg.xla_cpu_grads_emitter)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return (None if programs == 'auto' else programs == 'split'), emitter
+
+
 def epoch_layout(cfg: ml_collections.ConfigDict, source: types.ModuleType, info: dict,
                  global_batch_size: int, n_devices: int) -> tuple[int, int, np.ndarray | None]:
   """(steps per epoch, total steps, epoch starts or None) of the run, as its sampler defines them.
@@ -290,6 +308,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   n_devices = mesh.devices.size
   gbs = int(cfg.global_batch_size)
   check_batch_layout(cfg, n_devices)
+  split, emitter = train_step_layout(cfg)
   is_main = jax.process_index() == 0
 
   # --- input ---
@@ -313,21 +332,23 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   teacher_model, teacher_vars = None, {}
   if cfg.distillation.type == 'hard':  # checked before the (expensive) student initialisation
     teacher_model, teacher_vars = load_teacher(cfg, num_classes, image_size)
-  variables = init_variables(model, init_rng, image_size)
-  if cfg.init_from:
-    loaded, meta = ckpt_lib.restore_variables(cfg.init_from)
-    if meta.get('model_name') not in (None, cfg.model):
-      log.warning('init_from holds %s, training %s', meta.get('model_name'), cfg.model)
-    variables = ckpt_lib.merge_pretrained(variables, loaded, tuple(cfg.init_exclude))
+  # Compile ahead, concurrently: XLA compiles a program mostly on one thread, so the model's
+  # initialisation, the train state's creation and the step's programs compile in these threads
+  # while this one traces the next program (the first step of a fresh run waits for the longest
+  # compile, not the sum; RESULTS.md "Time to the first training step").
+  compiler = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix='xla-compile')
+  init_lowered = lower_init(model, init_rng, image_size)
+  abstract_variables = init_lowered.out_info
   schedule = optim.learning_rate_schedule(cfg.optimizer, global_batch_size=gbs,
                                           steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                                           epoch_starts=epoch_starts)
-  tx = optim.make_optimizer(cfg.optimizer, schedule, variables['params'])
+  tx = optim.make_optimizer(cfg.optimizer, schedule, abstract_variables['params'])
   opts = StepOptions.from_config(cfg, num_classes)
   replicated = distributed.replicated(mesh)
-  state = jax.jit(functools.partial(create_train_state, tx=tx, use_ema=cfg.ema_decay > 0),
-                  out_shardings=replicated)(variables, rng=state_rng)
-  del variables
+  make_state = jax.jit(functools.partial(create_train_state, tx=tx, use_ema=cfg.ema_decay > 0),
+                       out_shardings=replicated)
+  abstract_state = _abstract(jax.eval_shape(make_state, abstract_variables, rng=state_rng),
+                             replicated)
 
   if teacher_model is not None:
     teacher_vars = distributed.replicate(dict(teacher_vars), mesh)
@@ -338,19 +359,36 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
   checkpointer = ckpt_lib.TrainCheckpointer(workdir, keep=cfg.checkpoint_keep,
                                             use_async=cfg.checkpoint_async,
                                             data_handler=data_handler and data_handler())
-  restored = checkpointer.restore_latest(_abstract(state.as_dict(), replicated))
+  restored = checkpointer.restore_latest(abstract_state.as_dict())
   last_good = None
-  if restored is not None:
+  fresh = None  # a fresh run's state, still compiling
+  if restored is not None:  # a resumed run never initialises
     state_dict, meta, last_good = restored
     state = TrainState(**state_dict)
     if int(meta.get('data_position', last_good)) != last_good:
       raise ValueError(f'checkpoint {last_good} has data position {meta.get("data_position")}')
     if is_main:
       print(f'resumed from step {last_good} ({checkpointer.directory})', flush=True)
-  start_step = int(distributed.to_host(state.step))
+    start_step = int(distributed.to_host(state.step))
+  else:
+    def fresh_state() -> TrainState:
+      variables = compile_init(init_lowered)(init_rng)
+      if cfg.init_from:
+        loaded, meta = ckpt_lib.restore_variables(cfg.init_from)
+        if meta.get('model_name') not in (None, cfg.model):
+          log.warning('init_from holds %s, training %s', meta.get('model_name'), cfg.model)
+        variables = ckpt_lib.merge_pretrained(variables, loaded, tuple(cfg.init_exclude))
+      return make_state(variables, rng=state_rng)
+
+    fresh = compiler.submit(fresh_state)
+    state, start_step = abstract_state, 0
 
   train_step = make_train_step(mesh, model=model, tx=tx, schedule=schedule, opts=opts,
-                               teacher_model=teacher_model, fast_compile=cfg.xla_fast_compile)
+                               teacher_model=teacher_model, fast_compile=cfg.xla_fast_compile,
+                               split=split, emitter=emitter)
+  if is_main and train_step.split:
+    log.info('train step: forward + backward and the update as two programs; forward + '
+             'backward with the %s fusion emitter (%s)', train_step.emitter, cfg.model)
   eval_step = make_eval_step(mesh, model=model, half_precision=cfg.half_precision,
                              fast_compile=cfg.xla_fast_compile)
   eval_cache: dict = {}
@@ -368,6 +406,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
     if train_iter.step != start_step:
       raise ValueError(f'checkpoint {last_good}: the input iterator state is at step '
                        f'{train_iter.step}, the training state at {start_step}')
+  first_batch = None  # taken ahead, to compile the step for its shape while the state is built
+  if start_step < total_steps:
+    first_batch = distributed.global_batch(next(train_iter), mesh)
+    train_step.compile(state, first_batch, teacher_vars, executor=compiler)
+  if fresh is not None:
+    state = fresh.result()
+  del fresh
   tracker = (best_lib.BestTracker(workdir, keep_best_ema=cfg.keep_best_ema, meta=meta_base)
              if cfg.track_best else None)
 
@@ -406,7 +451,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
     with ckpt_lib.Preemption(checkpointer) as preemption:
       step = start_step
       while step < total_steps:
-        batch = distributed.global_batch(next(train_iter), mesh)
+        if first_batch is not None:
+          batch, first_batch = first_batch, None
+        else:
+          batch = distributed.global_batch(next(train_iter), mesh)
         state, metrics = train_step(state, batch, teacher_vars)
         step += 1
         pending.append((step, metrics))
@@ -442,6 +490,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str, *,
       bar.write(f'final (step {total_steps}): '
                 + ', '.join(f'{k}={v:.4f}' for k, v in results.items() if 'count' not in k))
   finally:
+    compiler.shutdown(wait=False, cancel_futures=True)
     checkpointer.wait()
     bar.close()
     writer.close()

@@ -111,6 +111,22 @@ def test_batch_layout_errors_say_what_to_change():
     train.check_batch_layout(cfg, 8)
 
 
+def test_train_step_layout_from_config():
+  from mobilevis_jax.train import train
+  cfg = config_lib.load_config('parameternet_600m_in22k')
+  assert train.train_step_layout(cfg) == (None, 'elemental')  # the family's measured emitter
+  cfg.train_step_programs, cfg.xla_cpu_grads_emitter = 'one', 'mlir'
+  assert train.train_step_layout(cfg) == (False, 'mlir')
+  cfg.train_step_programs = 'two'
+  with pytest.raises(train.ConfigError, match="train_step_programs='two': use 'auto', 'split' or 'one'"):
+    train.train_step_layout(cfg)
+  cfg.train_step_programs, cfg.xla_cpu_grads_emitter = 'split', 'llvm'
+  with pytest.raises(train.ConfigError, match="xla_cpu_grads_emitter must be 'auto' or one of"):
+    train.train_step_layout(cfg)
+  cfg = config_lib.load_config('repvit_m1_1_in1k')
+  assert train.train_step_layout(cfg) == (None, 'mlir')
+
+
 def test_wrong_teacher_checkpoint_fails_naming_the_fix(tmp_path):
   import jax
 

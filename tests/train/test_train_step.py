@@ -35,7 +35,7 @@ def _setup(**cfg_overrides):
   return cfg, model, variables, batch
 
 
-def _trainer_step(cfg, model, variables, batch):
+def _trainer_step(cfg, model, variables, batch, split=None, emitter='mlir'):
   mesh = distributed.make_data_mesh(jax.devices()[:1])
   schedule = optim.learning_rate_schedule(cfg.optimizer, global_batch_size=8, steps_per_epoch=10,
                                           total_steps=100)
@@ -44,7 +44,8 @@ def _trainer_step(cfg, model, variables, batch):
   state = jax.device_put(train.create_train_state(variables, tx, np.asarray(jax.random.PRNGKey(2)),
                                                   cfg.ema_decay > 0), distributed.replicated(mesh))
   step = train.make_train_step(mesh, model=model, tx=tx, schedule=schedule, opts=opts,
-                               fast_compile=cfg.xla_fast_compile)
+                               fast_compile=cfg.xla_fast_compile, split=split, emitter=emitter)
+  assert step.split == (jax.default_backend() == 'cpu' if split is None else split)
   new_state, metrics = step(state, distributed.global_batch(batch, mesh), {})
   return distributed.to_host(new_state), distributed.to_host(metrics)
 
@@ -72,11 +73,16 @@ def _reference_step(cfg, model, variables, batch):
   return float(loss), new_params, jax.device_get(stats)
 
 
-@pytest.mark.parametrize('fast_compile', [False, True], ids=['xla_default', 'xla_fast_compile'])
-def test_one_step_matches_independent_computation(fast_compile):
-  # `xla_fast_compile` (XLA's backend at -O0) must be the same step: same tolerances.
+@pytest.mark.parametrize('fast_compile,split,emitter', [
+    (False, False, 'mlir'), (False, True, 'mlir'), (False, True, 'elemental'),
+    (True, False, 'mlir'), (True, True, 'elemental')],
+    ids=['one_program', 'split', 'split_elemental', 'one_program_fast_compile',
+         'split_elemental_fast_compile'])
+def test_one_step_matches_independent_computation(fast_compile, split, emitter):
+  # `xla_fast_compile` (XLA's backend at -O0), the step as two programs and either fusion
+  # emitter must all be the same step: same tolerances.
   cfg, model, variables, batch = _setup(xla_fast_compile=fast_compile)
-  state, metrics = _trainer_step(cfg, model, variables, batch)
+  state, metrics = _trainer_step(cfg, model, variables, batch, split=split, emitter=emitter)
   loss, params, stats = _reference_step(cfg, model, variables, batch)
   np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-6)
   np.testing.assert_allclose(metrics['lr'], cfg.optimizer.base_lr, rtol=1e-6)
@@ -153,3 +159,60 @@ def test_fast_compile_options_apply_on_cpu_only_when_asked():
   assert step.compiler_options(False) is None
   expected = step.FAST_COMPILE_OPTIONS if jax.default_backend() == 'cpu' else None
   assert step.compiler_options(True) == expected
+
+
+def test_split_step_equals_one_program_and_compiles_ahead_per_batch_signature():
+  cfg, model, variables, batch = _setup()
+  one_state, one_metrics = _trainer_step(cfg, model, variables, batch, split=False)
+
+  mesh = distributed.make_data_mesh(jax.devices()[:1])
+  schedule = optim.learning_rate_schedule(cfg.optimizer, global_batch_size=8, steps_per_epoch=10,
+                                          total_steps=100)
+  tx = optim.make_optimizer(cfg.optimizer, schedule, variables['params'])
+  opts = train.StepOptions.from_config(cfg, NUM_CLASSES)
+  replicated = distributed.replicated(mesh)
+  state = jax.device_put(train.create_train_state(variables, tx, np.asarray(jax.random.PRNGKey(2)),
+                                                  cfg.ema_decay > 0), replicated)
+  step = train.make_train_step(mesh, model=model, tx=tx, schedule=schedule, opts=opts, split=True)
+  gbatch = distributed.global_batch(batch, mesh)
+  # Compiled ahead from shapes alone, in an executor's threads, as the trainer does.
+  abstract = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+  import concurrent.futures
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    step.compile(abstract(state), abstract(gbatch), {}, executor=pool)
+  assert len(step._compiled) == 1
+  lowered = []
+  original_lower = step._lower_each
+  step._lower_each = lambda *a: lowered.append(a) or original_lower(*a)
+  new_state, metrics = step(state, gbatch, {})
+  assert not lowered  # the first call ran what was compiled ahead
+  new_state, metrics = distributed.to_host(new_state), distributed.to_host(metrics)
+  assert sorted(metrics) == sorted(one_metrics)
+  for k in metrics:
+    np.testing.assert_allclose(metrics[k], one_metrics[k], rtol=1e-6, err_msg=k)
+  # The same fusions either way (XLA's default emitter): equal to float rounding. (The gradients of
+  # a BatchNorm network at batch 8 are ill-conditioned, hence the tolerance on Adam's moments.)
+  for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(one_state)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.max(np.abs(b)))
+
+  # A batch of another shape (ParC-Net's multi-scale sampler) compiles its own programs.
+  state = jax.device_put(new_state, replicated)
+  small = {'image': batch['image'][:4, :12, :12], 'label': batch['label'][:4]}
+  step(state, distributed.global_batch(small, mesh), {})
+  assert len(lowered) == 1 and len(step._compiled) == 2
+
+
+def test_grads_emitter_table_and_bad_choices():
+  from mobilevis_jax.train import step
+  assert step.grads_emitter('parameternet') == 'elemental'
+  assert step.grads_emitter('repvit') == 'mlir'
+  assert step.grads_emitter('parameternet', 'mlir') == 'mlir'
+  with pytest.raises(ValueError, match='xla_cpu_grads_emitter'):
+    step.grads_emitter('repvit', 'llvm')
+  cfg, model, variables, _ = _setup()
+  mesh = distributed.make_data_mesh(jax.devices()[:1])
+  tx = optim.make_optimizer(cfg.optimizer, lambda s: 1e-3, variables['params'])
+  with pytest.raises(ValueError, match='emitter must be one of'):
+    train.make_train_step(mesh, model=model, tx=tx, schedule=lambda s: 1e-3,
+                          opts=train.StepOptions.from_config(cfg, NUM_CLASSES), emitter='x')
