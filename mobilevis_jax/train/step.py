@@ -247,7 +247,8 @@ def compiler_options(fast_compile: bool) -> dict | None:
 # (RESULTS.md, "The init's random bits on the host, and the step as two programs"):
 # parameternet_600m 55.6 -> 35.9-47.1 s, repvit_m1_1 16.1 -> 26.2, mobilevig_s 18.6 -> 20.8,
 # parcnet_s 33.4 -> 36.9, parc_convnext_xt 20.2 -> 20.6, parc_mobilenetv2 15.0 -> 13.4 (within
-# the noise). A family not listed keeps XLA's default.
+# the noise); the whole split step, idle, both cores: ghostnet_100 24.6 -> 21.8 s,
+# parameternet_600m 42.1 -> 35.1 s. A family not listed keeps XLA's default.
 GRADS_EMITTER_TABLE = {'parameternet': 'elemental'}
 EMITTER_OPTIONS = {'mlir': {}, 'elemental': {'xla_cpu_use_fusion_emitters': False}}
 
@@ -322,11 +323,6 @@ class TrainStep:
   def programs(self) -> tuple:
     """The jitted programs, in call order (one, or forward + backward and update)."""
     return tuple(fn for fn, _ in self._programs)
-
-  @property
-  def program_options(self) -> tuple:
-    """Each program's XLA compiler options (None: XLA's defaults)."""
-    return tuple(options for _, options in self._programs)
 
   def _lower_each(self, state: Any, batch: dict, teacher_variables: Any) -> Iterator:
     (first, _), rest = self._programs[0], self._programs[1:]
